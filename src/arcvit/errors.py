@@ -1,0 +1,24 @@
+"""The errors arcvit raises for bad input: each names the file, field or value at fault.
+
+The CLI prints these as one line and exits non-zero; anything else is a bug and keeps its traceback.
+"""
+
+
+class ArcvitError(Exception):
+    """Base class for user-facing errors."""
+
+
+class DataError(ArcvitError):
+    """A data set, folder, list file or image is missing or malformed."""
+
+
+class ModelError(ArcvitError):
+    """A backbone is unsupported, or a checkpoint cannot be loaded safely."""
+
+
+class AdapterFileError(ArcvitError):
+    """An adapter file is missing, corrupt, or does not fit the backbone it is loaded onto."""
+
+
+class ConfigError(ArcvitError):
+    """A setting has an invalid value."""
