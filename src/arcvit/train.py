@@ -17,6 +17,7 @@ import io
 import json
 import math
 import platform
+import sys
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -27,6 +28,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from lightning_fabric import Fabric
+from lightning_fabric.utilities.seed import seed_everything
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from arcvit import __version__
@@ -83,6 +85,13 @@ class TrainConfig:
         for name in ("weight_decay", "grad_clip", "num_workers", "label_smoothing"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must not be negative, got {getattr(self, name)!r}")
+        for name in ("lr", "weight_decay", "grad_clip", "label_smoothing"):
+            if not math.isfinite(getattr(self, name)):
+                raise ConfigError(f"{name} must be a finite number, got {getattr(self, name)!r}")
+        if not self.label_smoothing < 1:
+            raise ConfigError(f"label_smoothing must be in [0, 1), got {self.label_smoothing!r}")
+        if not 0 <= self.seed < 2 ** 32:
+            raise ConfigError(f"seed must be in [0, 2**32), got {self.seed!r}")
         if not 0 <= self.warmup_epochs < self.epochs or self.warmup_epochs != int(self.warmup_epochs):
             raise ConfigError(f"warmup_epochs must be a whole number in [0, epochs), got {self.warmup_epochs!r}")
         if self.method not in SPECS:
@@ -162,6 +171,15 @@ def _strategy(cfg: TrainConfig, model: nn.Module):
                         activation_checkpointing_policy=blocks if cfg.grad_checkpointing else None)
 
 
+def _loggers(out: Path) -> list:
+    """TensorBoard event files under ``out/tensorboard`` when tensorboard is installed (metrics.csv always)."""
+    try:
+        from lightning_fabric.loggers import TensorBoardLogger
+        return [TensorBoardLogger(root_dir=str(out), name="tensorboard", version="")]
+    except ModuleNotFoundError:
+        return []
+
+
 def _write_metrics(path: Path, rows: list[dict[str, Any]]) -> None:
     buf = io.StringIO()
     if rows:
@@ -172,6 +190,8 @@ def _write_metrics(path: Path, rows: list[dict[str, Any]]) -> None:
 
 
 def _prepare_output(out: Path, resume: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"{out}: exists and is not a folder; --out names the run folder")
     if (out / "results.json").exists() and not resume:
         raise ConfigError(f"{out}: this run has finished already (results.json); choose another --out")
     if (out / "checkpoints").exists() and not resume:
@@ -192,6 +212,7 @@ def train(backbone: str, data: DataSpec, cfg: TrainConfig, out_dir: str | Path, 
     layout = detect_layout(data.root, data.task) if data.layout == "auto" else data.layout
     train_split, val_split, test_split = PROTOCOL_SPLITS[layout][cfg.protocol]
 
+    seed_everything(cfg.seed, verbose=False)  # before any weight is initialised: adapters, heads
     model = create_backbone(backbone, num_classes=1, checkpoint=checkpoint, pretrained=pretrained)  # head resized below
     splits = {}
     for role, split in (("train", train_split), ("val", val_split), ("test", test_split)):
@@ -205,10 +226,12 @@ def train(backbone: str, data: DataSpec, cfg: TrainConfig, out_dir: str | Path, 
     if cfg.grad_checkpointing and hasattr(model, "set_grad_checkpointing"):
         model.set_grad_checkpointing(True)
 
-    fabric = Fabric(accelerator=cfg.accelerator, devices=cfg.devices, num_nodes=cfg.num_nodes,
-                    strategy=_strategy(cfg, model), precision=cfg.precision)
+    try:
+        fabric = Fabric(accelerator=cfg.accelerator, devices=cfg.devices, num_nodes=cfg.num_nodes,
+                        strategy=_strategy(cfg, model), precision=cfg.precision, loggers=_loggers(out))
+    except (ValueError, TypeError) as e:  # Fabric validates accelerator, strategy, precision, devices
+        raise ConfigError(f"accelerator/strategy/precision/devices: {str(e).splitlines()[0]}") from None
     fabric.launch()
-    fabric.seed_everything(cfg.seed, verbose=False)
     if cfg.batch_size % fabric.world_size:
         raise ConfigError(f"batch_size {cfg.batch_size} must divide evenly over {fabric.world_size} processes")
     if cfg.batch_size > len(splits["train"]):
@@ -235,7 +258,7 @@ def train(backbone: str, data: DataSpec, cfg: TrainConfig, out_dir: str | Path, 
     if resume:
         ckpt = load_latest_checkpoint(ckpt_dir)
         for note in (ckpt.skipped if ckpt else []):
-            fabric.print(f"warning: skipped checkpoint {note}")
+            fabric.print(f"warning: skipped checkpoint {note}", file=sys.stderr)
         if ckpt is not None and ckpt.tensors:
             with torch.no_grad():
                 for n in names:
@@ -248,7 +271,7 @@ def train(backbone: str, data: DataSpec, cfg: TrainConfig, out_dir: str | Path, 
             best.update(ckpt.state["best"])
             if best["epoch"]:
                 best["state"] = {n: ckpt.tensors[f"best/{n}"] for n in names}
-            fabric.print(f"resumed from {ckpt_dir} at epoch {start_epoch}")
+            fabric.print(f"resumed from {ckpt_dir} at epoch {start_epoch}", file=sys.stderr)
 
     settings = {
         "backbone": backbone, "checkpoint": str(checkpoint) if checkpoint else None, "pretrained": pretrained,
@@ -300,6 +323,7 @@ def train(backbone: str, data: DataSpec, cfg: TrainConfig, out_dir: str | Path, 
                             state={n: params[n].detach().clone() for n in names})
         metrics.append(row)
         bar.log(row)
+        fabric.log_dict({k: v for k, v in row.items() if k != "epoch"}, step=epoch + 1)
         if fabric.is_global_zero:
             _write_metrics(out / "metrics.csv", metrics)
             opt_tensors, opt_settings = optimizer_to_tensors(optimizer)

@@ -1,0 +1,328 @@
+"""The benchmark report: a VTAB-style table over every (task, method, seed) run, rebuilt from run folders alone.
+
+Everything the report states comes from files the runs wrote (``results.json``, ``settings.json``,
+``error.txt``) and the bench's plan (``bench.json``), so ``arcvit report DIR`` rebuilds it after a crash, for
+a partial bench, or for runs gathered from several machines.
+
+Aggregates follow VTAB: a group's mean is the plain mean of its tasks' mean accuracies, "mean (all tasks)" the
+plain mean over every task, "mean of group means" the mean of the group columns. A task without results is
+left out of an aggregate, which is then marked incomplete rather than silently averaged over fewer tasks.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from statistics import fmean, stdev
+from typing import Any
+
+from arcvit.data.layouts import FGVC_TASKS, VTAB_TASKS
+from arcvit.data.mini import MINI_TASKS
+from arcvit.errors import ConfigError
+from arcvit.fileio import write_json, write_text
+from arcvit.plots import plot_accuracy_vs_params
+
+PLAN_FILE = "bench.json"    # the bench's plan: suite, tasks, methods, seeds, backbone, config
+ERROR_FILE = "error.txt"    # in a run folder: the run failed with this error
+RUNS_DIR = "runs"           # <out>/runs/<task>/<method>/seed<k>/
+STATUSES = ("done", "failed", "unfinished")
+
+
+@dataclass(frozen=True)
+class Suite:
+    """A benchmark's tasks in table order, each with its group."""
+
+    title: str
+    tasks: Mapping[str, str]
+
+
+SUITES: dict[str, Suite] = {
+    "mini": Suite("mini-VTAB (offline, 28x28)", {name: t.group for name, t in MINI_TASKS.items()}),
+    "vtab1k": Suite("VTAB-1k", {t.folder: t.group for t in VTAB_TASKS.values()}),
+    "fgvc": Suite("FGVC", {t.folder: t.group for t in FGVC_TASKS.values()}),
+}
+
+
+def run_dir(out: str | Path, task: str, method: str, seed: int) -> Path:
+    return Path(out) / RUNS_DIR / task / method / f"seed{seed}"
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"{path}: unreadable ({e})") from None
+
+
+def collect_runs(out: str | Path) -> list[dict[str, Any]]:
+    """One record per run folder under ``out/runs``: task, method and seed (from the folder), ``status``
+    ('done', 'failed' or 'unfinished'), the run's results.json fields, its settings and any error."""
+    out, records = Path(out), []
+    for folder in sorted(out.glob(f"{RUNS_DIR}/*/*/seed*")):
+        if not (folder.is_dir() and folder.name[4:].isdigit()):
+            continue
+        results = _read_json(folder / "results.json")
+        error = folder / ERROR_FILE
+        status = "done" if results else "failed" if error.exists() else "unfinished"
+        records.append({**(results or {}), "task": folder.parent.parent.name, "method": folder.parent.name,
+                        "seed": int(folder.name[4:]), "status": status, "run_dir": folder.relative_to(out).as_posix(),
+                        "settings": _read_json(folder / "settings.json") or {},
+                        "error": error.read_text().strip() if status == "failed" else None})
+    return records
+
+
+@dataclass(frozen=True)
+class _Stat:
+    """A mean accuracy, and the per-seed values its spread over seeds is measured on."""
+
+    mean: float
+    by_seed: dict[int, float]
+
+
+def _combine(stats: Sequence[_Stat]) -> _Stat | None:
+    """The mean of the ``stats``' means; per seed, their mean, for the seeds every one of them has."""
+    if not stats:
+        return None
+    common = set.intersection(*(set(s.by_seed) for s in stats))
+    return _Stat(fmean(s.mean for s in stats), {k: fmean(s.by_seed[k] for s in stats) for k in sorted(common)})
+
+
+def _cell(stat: _Stat | None, complete: bool = True, failed: bool = False) -> dict[str, Any]:
+    """std is the sample standard deviation over seeds, None with fewer than two."""
+    return {"mean": None if stat is None else round(stat.mean, 4),
+            "std": round(stdev(stat.by_seed.values()), 4) if stat and len(stat.by_seed) > 1 else None,
+            "seeds": len(stat.by_seed) if stat else 0, "complete": complete, "failed": failed}
+
+
+def build_table(records: Sequence[Mapping[str, Any]], tasks: Mapping[str, str],
+                methods: Sequence[str] | None = None) -> dict[str, Any]:
+    """The table as data: one row per method, with cells for every task, group, and the two overall means.
+
+    ``records`` need task, method, seed, status and, when done, test_top1 (a fraction) and trainable_params;
+    ``tasks`` maps each task of the table to its group, in column order. Accuracies come out in %.
+    """
+    groups: dict[str, list[str]] = {}
+    for task, group in tasks.items():
+        groups.setdefault(group, []).append(task)
+    methods = list(methods) if methods else list(dict.fromkeys(r["method"] for r in records))
+    rows = []
+    for method in methods:
+        mine = [r for r in records if r["method"] == method and r["task"] in tasks]
+        done = [r for r in mine if r["status"] == "done"]
+        failed = {r["task"] for r in mine if r["status"] == "failed"}
+        scores = {t: {r["seed"]: 100 * r["test_top1"] for r in done if r["task"] == t} for t in tasks}
+        stats = {t: _Stat(fmean(v.values()), v) for t, v in scores.items() if v}
+        group_stats = {g: _combine([stats[t] for t in members if t in stats]) for g, members in groups.items()}
+        group_complete = {g: all(t in stats for t in members) for g, members in groups.items()}
+        params = [fmean(r["trainable_params"] for r in done if r["task"] == t) for t in stats]
+        rows.append({
+            "method": method,
+            "tasks": {t: _cell(stats.get(t), failed=t in failed) for t in tasks},
+            "groups": {g: _cell(s, group_complete[g]) for g, s in group_stats.items()},
+            "all_tasks": _cell(_combine(list(stats.values())), len(stats) == len(tasks)),
+            "mean_of_group_means": _cell(_combine([s for s in group_stats.values() if s]),
+                                         all(group_complete.values())),
+            "params_m": round(fmean(params) / 1e6, 6) if params else None,
+        })
+    return {"tasks": dict(tasks), "groups": groups, "rows": rows}
+
+
+def format_cell(cell: Mapping[str, Any]) -> str:
+    if cell["mean"] is None:
+        return "failed" if cell["failed"] else "–"
+    std = f" ± {cell['std']:.1f}" if cell["std"] is not None else ""
+    return f"{cell['mean']:.1f}{std}{'' if cell['complete'] else '*'}"
+
+
+def _markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]], numeric_from: int = 1) -> list[str]:
+    align = ["---"] * numeric_from + ["---:"] * (len(header) - numeric_from)
+    return [f"| {' | '.join(line)} |" for line in (header, align, *rows)]
+
+
+def render_table(table: Mapping[str, Any]) -> list[str]:
+    """Markdown lines: rows = methods; tasks grouped, each group followed by its mean (when there are groups
+    to tell apart), then the overall means and the trainable parameters."""
+    by_group = len(table["groups"]) > 1
+    header = ["method"]
+    for group, members in table["groups"].items():
+        header += members + ([f"**{group}**"] if by_group else [])
+    header += ["**mean (all tasks)**"] + (["**mean of group means**"] if by_group else []) + ["params (M)"]
+    lines = []
+    for row in table["rows"]:
+        cells = [row["method"]]
+        for group, members in table["groups"].items():
+            cells += [format_cell(row["tasks"][t]) for t in members]
+            cells += [format_cell(row["groups"][group])] if by_group else []
+        cells.append(format_cell(row["all_tasks"]))
+        cells += [format_cell(row["mean_of_group_means"])] if by_group else []
+        cells.append("–" if row["params_m"] is None else f"{row['params_m']:.3g}")
+        lines.append(cells)
+    return _markdown_table(header, lines)
+
+
+def _protocol_text(settings: Mapping[str, Any]) -> str:
+    splits, protocol = settings["data"]["splits"], settings["train"]["protocol"]
+    if protocol == "select":
+        return (f"train on {splits['train']}, keep the epoch with the best top-1 on {splits['val']}, report top-1 "
+                f"on {splits['test']} with that epoch's weights; no selection on test")
+    return f"train on {splits['train']}, top-1 on {splits['test']} after the last epoch; no selection on test"
+
+
+def _backbone_text(settings: Mapping[str, Any]) -> str:
+    source = f"weights from {settings['checkpoint']}" if settings.get("checkpoint") else \
+        "pretrained" if settings.get("pretrained", True) else "random init"
+    return f"{settings['backbone']} ({source})"
+
+
+def _show(value: Any) -> str:
+    return "default" if value is None else str(value)
+
+
+def _merge_values(dicts: Sequence[Mapping[str, Any]]) -> dict[str, list[Any]]:
+    """Every value each key takes across ``dicts``, first seen first."""
+    merged: dict[str, dict[Any, None]] = {}
+    for d in dicts:
+        for key, value in d.items():
+            merged.setdefault(key, {})[value] = None
+    return {key: list(values) for key, values in merged.items()}
+
+
+def describe_runs(records: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """What the finished runs were: protocol, backbone, shared and per-method settings, versions, data."""
+    done = [r for r in records if r["status"] == "done" and r.get("settings")]
+    values = _merge_values([{k: v for k, v in r["settings"]["train"].items() if k not in ("method", "seed")}
+                            for r in done])
+    shared = {k: v[0] for k, v in values.items() if len(v) == 1}
+    per_method = {}
+    for method in dict.fromkeys(r["method"] for r in done):
+        mine = _merge_values([r["settings"]["train"] for r in done if r["method"] == method])
+        per_method[method] = {k: " / ".join(map(_show, mine.get(k, []))) for k in values if k not in shared}
+    return {"protocol": sorted({_protocol_text(r["settings"]) for r in done}),
+            "backbone": sorted({_backbone_text(r["settings"]) for r in done}),
+            "seeds": sorted({r["seed"] for r in done}), "shared_settings": shared, "method_settings": per_method,
+            "versions": _merge_values([r["settings"].get("versions", {}) for r in done]),
+            "data_fingerprints": {t: _merge_values([r["settings"].get("data_fingerprints", {})
+                                                    for r in done if r["task"] == t])
+                                  for t in dict.fromkeys(r["task"] for r in done)}}
+
+
+_CSV_FIELDS = ("task", "group", "method", "seed", "status", "test_top1", "val_top1", "selected_epoch",
+               "trainable_params", "total_params", "protocol", "lr", "weight_decay", "rank", "adapter_dropout",
+               "epochs", "warmup_epochs", "batch_size", "wall_time_s", "images_per_s", "train_fingerprint",
+               "test_fingerprint", "run_dir", "error")
+
+
+def _flat_row(record: Mapping[str, Any], tasks: Mapping[str, str]) -> dict[str, Any]:
+    settings = record.get("settings") or {}
+    fingerprints = settings.get("data_fingerprints", {})
+    row = {**settings.get("train", {}), **record, "group": tasks.get(record["task"], ""),
+           "train_fingerprint": fingerprints.get("train"), "test_fingerprint": fingerprints.get("test")}
+    return {k: row.get(k) for k in _CSV_FIELDS}
+
+
+def _csv(rows: Sequence[Mapping[str, Any]]) -> str:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=_CSV_FIELDS, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return buf.getvalue()
+
+
+def _outstanding(records: Sequence[Mapping[str, Any]], plan: Mapping[str, Any]) -> list[str]:
+    """Planned runs without results or an error, and run folders a stopped run left unfinished."""
+    ended = {(r["task"], r["method"], r["seed"]) for r in records if r["status"] != "unfinished"}
+    planned = [(t, m, s) for t in plan.get("tasks", []) for m in plan.get("methods", [])
+               for s in plan.get("seeds", [])]
+    planned += [(r["task"], r["method"], r["seed"]) for r in records if r["status"] == "unfinished"]
+    return [f"{t} / {m} / seed {s}" for t, m, s in dict.fromkeys(planned) if (t, m, s) not in ended]
+
+
+def render_report(title: str, table: Mapping[str, Any], about: Mapping[str, Any],
+                  records: Sequence[Mapping[str, Any]], plan: Mapping[str, Any]) -> str:
+    """report.md: what was run and how, the table, then per-method settings, data, failures and gaps."""
+    groups = table["groups"]
+    failed = [r for r in records if r["status"] == "failed"]
+    outstanding = _outstanding(records, plan)
+    done = sum(r["status"] == "done" for r in records)
+    shared = ", ".join(f"{k}={v}" for k, v in about["shared_settings"].items())
+    lines = [f"# arcvit bench: {title}", "",
+             f"- protocol: {'; '.join(about['protocol']) or 'no finished run yet'}",
+             f"- backbone: {', '.join(about['backbone']) or '–'}",
+             f"- tasks: {len(table['tasks'])} ({', '.join(f'{g} {len(m)}' for g, m in groups.items())})",
+             f"- seeds: {', '.join(map(str, plan.get('seeds') or about['seeds'])) or '–'}",
+             f"- runs: {done} finished, {len(failed)} failed, {len(outstanding)} outstanding",
+             f"- settings shared by every run: {shared or '–'}",
+             "- versions: " + (", ".join(f"{p} {' / '.join(v)}" for p, v in about["versions"].items()) or "–"),
+             "", "## Top-1 accuracy (%) on test", "", *render_table(table), "",
+             "Cells: mean over seeds, ± the sample standard deviation over seeds when there are several "
+             "(for a mean over tasks: of the per-seed means over the seeds every task has). "
+             "–: no finished run. *: averaged over the tasks that have results; some are missing. "
+             "mean (all tasks): the plain mean over the tasks"
+             + (", mean of group means: the mean of the group columns" if len(groups) > 1 else "")
+             + ". params (M): trainable parameters in millions, mean over tasks (the head depends on the classes).",
+             ""]
+    if about["method_settings"] and any(about["method_settings"].values()):
+        names = list(next(iter(about["method_settings"].values())))
+        rows = [[m, *(s[k] for k in names)] for m, s in about["method_settings"].items()]
+        lines += ["## Per-method settings", "", *_markdown_table(["method", *names], rows, len(names) + 1), ""]
+    if about["data_fingerprints"]:
+        roles = sorted({role for fp in about["data_fingerprints"].values() for role in fp})
+        rows = [[task, *(" ≠ ".join(f[:12] for f in fps.get(role, [])) or "–" for role in roles)]
+                for task, fps in about["data_fingerprints"].items()]
+        lines += ["## Data fingerprints", "",
+                  "sha256 of each split's (path, label, size) list, first 12 hex digits; "
+                  "≠ marks runs of one task that saw different data.", "",
+                  *_markdown_table(["task", *roles], rows, len(roles) + 1), ""]
+    if failed:
+        lines += ["## Failed runs", ""]
+        lines += [f"- {r['task']} / {r['method']} / seed {r['seed']}: {r['error'].splitlines()[0]}" for r in failed]
+        lines.append("")
+    if outstanding:
+        lines += ["## Outstanding runs", "", *(f"- {name}" for name in outstanding), ""]
+    return "\n".join(lines)
+
+
+def _infer_suite(records: Sequence[Mapping[str, Any]]) -> str:
+    tasks = {r["task"] for r in records}
+    for name, suite in SUITES.items():
+        if tasks and tasks <= set(suite.tasks):
+            return name
+    raise ConfigError(f"cannot tell which suite tasks {sorted(tasks)} belong to; pass --suite")
+
+
+def build_report(out: str | Path, suite: str | None = None) -> dict[str, Any]:
+    """Rebuild ``results.csv``, ``results.json``, ``report.md`` and ``accuracy_vs_params.png`` in ``out``.
+
+    The suite defaults to the bench's own (from its plan), else to the one whose tasks the runs are.
+    Returns what results.json holds.
+    """
+    out = Path(out)
+    records = collect_runs(out)
+    plan = _read_json(out / PLAN_FILE) or {}
+    suite = suite or plan.get("suite") or _infer_suite(records)
+    if suite not in SUITES:
+        raise ConfigError(f"unknown suite {suite!r}; choose from {', '.join(SUITES)}")
+    info = SUITES[suite]
+    planned = set(plan.get("tasks", [])) | {r["task"] for r in records}
+    tasks = {t: g for t, g in info.tasks.items() if t in planned}
+    methods = list(dict.fromkeys([*plan.get("methods", []), *(r["method"] for r in records)]))
+    table = build_table(records, tasks, methods)
+    about = describe_runs(records)
+    rows = [_flat_row(r, tasks) for r in records]
+    summary = {"suite": suite, "title": info.title, "plan": plan, "about": about, "table": table, "runs": rows}
+    write_text(out / "results.csv", _csv(rows))
+    write_json(out / "results.json", summary)
+    write_text(out / "report.md", render_report(info.title, table, about, records, plan))
+    points = [(row["method"] + ("" if row["all_tasks"]["complete"] else "*"), row["params_m"] * 1e6,
+               row["all_tasks"]["mean"], row["all_tasks"]["std"] or 0.0)
+              for row in table["rows"] if row["all_tasks"]["mean"] is not None]
+    if points:
+        plot_accuracy_vs_params(points, out / "accuracy_vs_params.png",
+                                f"{info.title}: {', '.join(about['backbone'])}\nmean top-1 over {len(tasks)} tasks "
+                                "(* some tasks missing; bars: std over seeds)")
+    return summary
