@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import difflib
 import pickle
+import re
+import warnings
 from pathlib import Path
 
 import timm
@@ -41,10 +43,16 @@ def read_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
         raise ModelError(f"{path}: unsupported checkpoint type {path.suffix!r} "
                          f"(use .npz, .safetensors or one of {', '.join(TORCH_SUFFIXES)})")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # e.g. torch's note on a plain pickle's protocol: the error says it all
+            warnings.simplefilter("ignore")
+            state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
+        # torch's message wraps the reason in advice on loading the file unsafely: keep only the reason
+        found = re.search(r"WeightsUnpickler error: (.*?)(?: Please use| Check the documentation|$)",
+                          " ".join(str(e).split()))
+        reason = found.group(1).strip() if found and found.group(1).strip() else "not a plain tensor file"
         raise ModelError(f"{path}: refused: the file holds pickled objects other than tensors, and arcvit only "
-                         f"loads weights safely ({str(e).splitlines()[0]})") from None
+                         f"loads weights safely ({reason})") from None
     except (RuntimeError, EOFError, OSError) as e:
         raise ModelError(f"{path}: not a readable torch checkpoint ({e})") from None
     for key in ("state_dict", "model", "module"):  # common trainer wrappers

@@ -8,7 +8,6 @@ a rerun whose settings differ from a run already there stops before training any
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tomllib
 from collections.abc import Mapping, Sequence
@@ -17,20 +16,27 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+from lightning_fabric.utilities import rank_zero_only
+
 from arcvit.data.layouts import resolve_task
 from arcvit.data.mini import build_mini_suite
 from arcvit.errors import ArcvitError, ConfigError
 from arcvit.fileio import write_json, write_text
 from arcvit.methods import METHODS, SPECS
-from arcvit.report import ERROR_FILE, PLAN_FILE, SUITES, build_report, run_dir
+from arcvit.report import (ADAPTER_FIELDS, ERROR_FILE, PLAN_FILE, SUITES, build_report, collect_runs, read_json,
+                           run_dir)
 from arcvit.train import DataSpec, TrainConfig, train
 from arcvit.zoo import DEFAULT_BACKBONE
 
-CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 # How a run executes rather than what it computes: may change when an interrupted run is resumed elsewhere.
 EXECUTION_FIELDS = ("accelerator", "devices", "num_nodes", "strategy", "num_workers", "eval_batch_size")
-ADAPTER_FIELDS = ("rank", "adapter_dropout")  # only methods with an adapter have them
-BENCH_SET_FIELDS = ("method", "seed")        # the bench sets these itself
+BENCH_SET_FIELDS = ("method", "seed")  # the bench sets these itself
+
+# With devices > 1, Fabric starts the other processes by rerunning this same command: they train in step with
+# the first, but only the first speaks and writes the plan and report.
+_echo = rank_zero_only(partial(print, flush=True))
+_report = rank_zero_only(build_report)
 
 
 @dataclass(frozen=True)
@@ -85,20 +91,24 @@ def _layer(value: Any, where: str) -> dict[str, Any]:
     """One table of settings, checked against TrainConfig's fields."""
     if not isinstance(value, dict):
         raise ConfigError(f"{where}: expected a table of settings, got {value!r}")
-    allowed = {f.name for f in fields(TrainConfig)} - set(BENCH_SET_FIELDS)
-    unknown = sorted(set(value) - allowed)
+    bench_set = [k for k in BENCH_SET_FIELDS if k in value]
+    if bench_set:
+        raise ConfigError(f"{where}: {', '.join(bench_set)}: set by the bench (--methods, --seeds), not a recipe")
+    unknown = sorted(set(value) - {f.name for f in fields(TrainConfig)})
     if unknown:
-        raise ConfigError(f"{where}: unknown or bench-set setting(s) {', '.join(unknown)}")
+        raise ConfigError(f"{where}: unknown setting(s) {', '.join(unknown)}")
     return dict(value)
 
 
-def _methods_layers(value: Any, where: str) -> dict[str, dict[str, Any]]:
+def _methods_layers(value: Any, path: Path, section: str) -> dict[str, dict[str, Any]]:
+    """The ``[<section>.<method>]`` tables."""
     if not isinstance(value, dict):
-        raise ConfigError(f"{where}: expected [methods.<name>] tables")
+        raise ConfigError(f"{path}: expected [{section}.<method>] tables")
     unknown = sorted(set(value) - set(METHODS))
     if unknown:
-        raise ConfigError(f"{where}: unknown method(s) {', '.join(unknown)}; choose from {', '.join(METHODS)}")
-    return {m: _layer(v, f"{where}.{m}") for m, v in value.items()}
+        raise ConfigError(f"{path}: [{section}]: unknown method(s) {', '.join(unknown)}; "
+                          f"choose from {', '.join(METHODS)}")
+    return {m: _layer(v, f"{path}: [{section}.{m}]") for m, v in value.items()}
 
 
 def load_config(path: str | Path, suite: str) -> BenchConfig:
@@ -110,22 +120,23 @@ def load_config(path: str | Path, suite: str) -> BenchConfig:
         raise ConfigError(f"{path}: no such config file") from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: cannot parse ({e})") from None
-    unknown = sorted(set(data) - {"defaults", "methods", "tasks"})
-    if unknown:
-        raise ConfigError(f"{path}: unknown section(s) {', '.join(unknown)}; expected defaults, methods, tasks")
+    for section, value in data.items():
+        if section not in ("defaults", "methods", "tasks") or not isinstance(value, dict):
+            raise ConfigError(f"{path}: unexpected {section!r}; a recipe holds [defaults], [methods.<method>], "
+                              "[tasks.<task>] and [tasks.<task>.methods.<method>] tables")
     tasks, task_methods = {}, {}
     for name, table in data.get("tasks", {}).items():
         try:
             task = canonical_task(suite, name)
         except ArcvitError as e:
             raise ConfigError(f"{path}: [tasks.{name}]: {e}") from None
-        table = dict(table) if isinstance(table, dict) else table
-        nested = table.pop("methods", {}) if isinstance(table, dict) else {}
-        tasks[task] = _layer(table, f"{path}: [tasks.{name}]")
-        for method, layer in _methods_layers(nested, f"{path}: [tasks.{name}.methods]").items():
+        if not isinstance(table, dict):
+            raise ConfigError(f"{path}: [tasks.{name}]: expected a table of settings, got {table!r}")
+        tasks[task] = _layer({k: v for k, v in table.items() if k != "methods"}, f"{path}: [tasks.{name}]")
+        for method, layer in _methods_layers(table.get("methods", {}), path, f"tasks.{name}.methods").items():
             task_methods[(task, method)] = layer
     return BenchConfig(str(path), _layer(data.get("defaults", {}), f"{path}: [defaults]"),
-                       _methods_layers(data.get("methods", {}), f"{path}: [methods]"), tasks, task_methods)
+                       _methods_layers(data.get("methods", {}), path, "methods"), tasks, task_methods)
 
 
 def run_config(config: BenchConfig, task: str, method: str, seed: int,
@@ -133,17 +144,21 @@ def run_config(config: BenchConfig, task: str, method: str, seed: int,
     """The TrainConfig of one run. An ``epochs`` override keeps the recipe's warm-up fraction (rounded down):
     10 warm-up epochs of 100 become 1 of 10."""
     settings = config.settings(task, method)
+    if SPECS[method].default_rank is None and any(settings.get(k) is not None for k in ADAPTER_FIELDS):
+        raise ConfigError(f"{config.source}: {method} has no rank or adapter dropout to set (task {task})")
     overrides = dict(overrides or {})
     if "epochs" in overrides:
         defaults = TrainConfig()
         warmup = settings.get("warmup_epochs", defaults.warmup_epochs)
-        settings["warmup_epochs"] = warmup * overrides["epochs"] // settings.get("epochs", defaults.epochs)
+        settings["warmup_epochs"] = warmup * overrides["epochs"] // max(1, settings.get("epochs", defaults.epochs))
     settings |= overrides | {"method": method, "seed": seed}
     return TrainConfig.from_dict(settings, source=f"{config.source} ({task}, {method})")
 
 
 @dataclass(frozen=True)
 class Run:
+    """One planned (task, method, seed): its settings, resolved before anything trains, and its folder."""
+
     task: str
     method: str
     seed: int
@@ -157,13 +172,9 @@ def _recipe(train_settings: Mapping[str, Any]) -> dict[str, Any]:
 
 def _check_existing(run: Run, identity: Mapping[str, Any]) -> None:
     """Refuse to mix recipes in one bench folder: a run already there must have been made as planned now."""
-    path = run.dir / "settings.json"
-    if not path.exists():
+    stored = read_json(run.dir / "settings.json")
+    if stored is None:
         return
-    try:
-        stored = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise ConfigError(f"{path}: unreadable ({e}); delete the run folder to redo it") from None
     want = {**identity, **_recipe(asdict(run.cfg))}
     have = {**{k: stored.get(k) for k in identity}, **_recipe(stored.get("train", {}))}
     diffs = [f"{k} {have.get(k)!r} -> {v!r}" for k, v in want.items() if have.get(k) != v]
@@ -175,7 +186,7 @@ def _check_existing(run: Run, identity: Mapping[str, Any]) -> None:
 def _prepare_data(suite: str, data: str | Path | None, out: Path, tasks: Sequence[str], test_size: int) -> Path:
     if suite == "mini":
         root = Path(data) if data else out / "data"
-        print(f"mini suite: data under {root} (built once)", flush=True)
+        _echo(f"mini suite: data under {root} (built once)")
         build_mini_suite(root, tasks, test_size=test_size)
         return root
     root = Path(data)
@@ -185,10 +196,10 @@ def _prepare_data(suite: str, data: str | Path | None, out: Path, tasks: Sequenc
     return root
 
 
+@rank_zero_only
 def _write_plan(out: Path, plan: dict[str, Any]) -> None:
     """bench.json: what this folder benchmarks. A later bench into it may add tasks, methods and seeds."""
-    path = out / PLAN_FILE
-    old = json.loads(path.read_text()) if path.exists() else {}
+    old = read_json(out / PLAN_FILE) or {}
     for key in ("suite", "backbone", "checkpoint", "pretrained"):
         if key in old and old[key] != plan[key]:
             raise ConfigError(f"{out} benchmarks {key} {old[key]!r}, not {plan[key]!r}; use another --out")
@@ -196,7 +207,20 @@ def _write_plan(out: Path, plan: dict[str, Any]) -> None:
         plan[key] = list(dict.fromkeys([*old.get(key, []), *plan[key]]))
     tasks = SUITES[plan["suite"]].tasks
     plan["tasks"] = [t for t in tasks if t in plan["tasks"]]
-    write_json(path, plan)
+    write_json(out / PLAN_FILE, plan)
+
+
+def _selection(suite: str, tasks: Sequence[str] | None, methods: Sequence[str] | None,
+               seeds: Sequence[int]) -> tuple[list[str], list[str], list[int]]:
+    """The tasks (in the suite's order), methods and seeds to run, each checked and without repeats."""
+    wanted = {canonical_task(suite, t) for t in tasks} if tasks else set(SUITES[suite].tasks)
+    methods = list(dict.fromkeys(methods or METHODS))
+    unknown = [m for m in methods if m not in SPECS]
+    if unknown:
+        raise ConfigError(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(METHODS)}")
+    if not seeds or any(isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in seeds):
+        raise ConfigError(f"seeds must be non-negative integers, got {list(seeds)}")
+    return [t for t in SUITES[suite].tasks if t in wanted], methods, list(dict.fromkeys(seeds))
 
 
 def run_bench(suite: str, out: str | Path, *, data: str | Path | None = None, tasks: Sequence[str] | None = None,
@@ -217,15 +241,7 @@ def run_bench(suite: str, out: str | Path, *, data: str | Path | None = None, ta
     spec, out = SUITE_RUNS[suite], Path(out)
     if spec.needs_data and data is None:
         raise ConfigError(f"suite {suite} needs --data, the folder holding its task folders")
-    wanted = {canonical_task(suite, t) for t in tasks} if tasks else set(SUITES[suite].tasks)
-    task_names = [t for t in SUITES[suite].tasks if t in wanted]
-    methods = list(dict.fromkeys(methods or METHODS))
-    unknown = [m for m in methods if m not in SPECS]
-    if unknown:
-        raise ConfigError(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(METHODS)}")
-    seeds = list(dict.fromkeys(seeds))
-    if not seeds or any(isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in seeds):
-        raise ConfigError(f"seeds must be non-negative integers, got {list(seeds)}")
+    task_names, methods, seeds = _selection(suite, tasks, methods, seeds)
     config_path = Path(config) if config else CONFIG_DIR / f"{suite}.toml"
     recipe = load_config(config_path, suite)
     identity = {"backbone": backbone or spec.backbone, "checkpoint": str(checkpoint) if checkpoint else None,
@@ -240,11 +256,11 @@ def run_bench(suite: str, out: str | Path, *, data: str | Path | None = None, ta
                       "overrides": dict(overrides or {}), "tasks": task_names, "methods": methods, "seeds": seeds})
     fit = partial(train, identity["backbone"], checkpoint=checkpoint, pretrained=pretrained, resume=True,
                   progress=progress, max_steps_per_epoch=max_steps_per_epoch)
-    build_report(out, suite)
+    _report(out, suite)
     for i, run in enumerate(runs, 1):
         label = f"[{i}/{len(runs)}] {run.task} / {run.method} / seed {run.seed}"
         if (run.dir / "results.json").exists():
-            print(f"{label}: skip (done)", flush=True)
+            _echo(f"{label}: skip (done)")
             continue
         (run.dir / ERROR_FILE).unlink(missing_ok=True)
         try:
@@ -254,9 +270,9 @@ def run_bench(suite: str, out: str | Path, *, data: str | Path | None = None, ta
         except ArcvitError as e:
             write_text(run.dir / ERROR_FILE, f"{type(e).__name__}: {e}\n")
             outcome = f"FAILED ({type(e).__name__}: {e})"
-        print(f"{label}: {outcome}", flush=True)
-        build_report(out, suite)
-    print(f"report: {out / 'report.md'}", flush=True)
+        _echo(f"{label}: {outcome}")
+        _report(out, suite)
+    _echo(f"report: {out / 'report.md'}")
     return out
 
 
@@ -264,13 +280,16 @@ def cmd_bench(args: argparse.Namespace) -> None:
     overrides = {k: getattr(args, k) for k in ("epochs", "protocol", "devices", "precision", "accelerator")
                  if getattr(args, k) is not None}
     try:
-        run_bench(args.suite, args.out or f"runs/bench_{args.suite}", data=args.data, tasks=args.tasks,
-                  methods=args.methods, seeds=args.seeds, backbone=args.backbone, checkpoint=args.checkpoint,
-                  config=args.config, overrides=overrides, progress=not args.quiet)
+        out = run_bench(args.suite, args.out or f"runs/bench_{args.suite}", data=args.data, tasks=args.tasks,
+                        methods=args.methods, seeds=args.seeds, backbone=args.backbone, checkpoint=args.checkpoint,
+                        config=args.config, overrides=overrides, progress=not args.quiet)
     except KeyboardInterrupt:
         print("arcvit bench: interrupted; run the same command again to resume (finished runs are kept)",
               file=sys.stderr)
         raise SystemExit(130) from None
+    failed = sum(r["status"] == "failed" for r in collect_runs(out))
+    if failed:  # a non-zero exit, so that scripts notice; the next bench retries them
+        raise ArcvitError(f"{failed} run(s) failed: see {out / 'report.md'}")
 
 
 def cmd_report(args: argparse.Namespace) -> None:

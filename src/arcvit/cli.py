@@ -127,11 +127,17 @@ def cmd_eval(args: argparse.Namespace) -> None:
     from arcvit.data.layouts import load_split
     from arcvit.data.transforms import build_transform
     from arcvit.train import evaluate
-    model, _ = _adapted_model(args)
+    if args.batch_size < 1:
+        raise ConfigError(f"--batch-size must be positive, got {args.batch_size}")
+    model, meta = _adapted_model(args)
     if args.merge and not args.merged:
         model = arcvit.merge(model)
     dataset = load_split(args.data, args.task, args.split, build_transform(model, recipe=args.recipe, train=False),
                          layout=args.layout, skip_corrupt=args.skip_corrupt)
+    if dataset.num_classes != meta["num_classes"]:
+        raise ConfigError(f"{dataset.source}: {dataset.num_classes} classes, but the "
+                          f"{'merged checkpoint' if args.merged else 'adapter'} has {meta['num_classes']}: "
+                          "it was trained on another task")
     fabric = Fabric(accelerator="auto", devices=1)
     top1 = evaluate(fabric, fabric.setup_module(model), dataset, args.batch_size)
     print(json.dumps({"split": args.split, "images": len(dataset), "top1": round(top1, 6)}))
@@ -142,6 +148,8 @@ def cmd_merge(args: argparse.Namespace) -> None:
 
     import arcvit
     from arcvit.fileio import write_safetensors
+    if Path(args.out).is_dir():
+        raise ConfigError(f"{args.out}: is a folder; --out names the merged .safetensors file to write")
     model, meta = _adapted_model(args)
     model.eval()
     merged = arcvit.merge(model, inplace=args.inplace)
@@ -182,6 +190,8 @@ def cmd_predict(args: argparse.Namespace) -> None:
 
 def cmd_params(args: argparse.Namespace) -> None:
     from arcvit.params import describe_backbone
+    if args.batch_size < 1:
+        raise ConfigError(f"--batch-size must be positive, got {args.batch_size}")
     print(json.dumps(describe_backbone(args.backbone, args.num_classes, args.method, args.rank,
                                        args.batch_size, args.precision), indent=2))
 

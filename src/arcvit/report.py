@@ -23,12 +23,12 @@ from arcvit.data.layouts import FGVC_TASKS, VTAB_TASKS
 from arcvit.data.mini import MINI_TASKS
 from arcvit.errors import ConfigError
 from arcvit.fileio import write_json, write_text
+from arcvit.methods import SPECS
 from arcvit.plots import plot_accuracy_vs_params
 
 PLAN_FILE = "bench.json"    # the bench's plan: suite, tasks, methods, seeds, backbone, config
 ERROR_FILE = "error.txt"    # in a run folder: the run failed with this error
 RUNS_DIR = "runs"           # <out>/runs/<task>/<method>/seed<k>/
-STATUSES = ("done", "failed", "unfinished")
 
 
 @dataclass(frozen=True)
@@ -50,7 +50,8 @@ def run_dir(out: str | Path, task: str, method: str, seed: int) -> Path:
     return Path(out) / RUNS_DIR / task / method / f"seed{seed}"
 
 
-def _read_json(path: Path) -> dict[str, Any] | None:
+def read_json(path: Path) -> dict[str, Any] | None:
+    """A JSON file's content, None when it does not exist."""
     try:
         return json.loads(path.read_text())
     except FileNotFoundError:
@@ -66,12 +67,13 @@ def collect_runs(out: str | Path) -> list[dict[str, Any]]:
     for folder in sorted(out.glob(f"{RUNS_DIR}/*/*/seed*")):
         if not (folder.is_dir() and folder.name[4:].isdigit()):
             continue
-        results = _read_json(folder / "results.json")
+        results = read_json(folder / "results.json")
         error = folder / ERROR_FILE
         status = "done" if results else "failed" if error.exists() else "unfinished"
         records.append({**(results or {}), "task": folder.parent.parent.name, "method": folder.parent.name,
-                        "seed": int(folder.name[4:]), "status": status, "run_dir": folder.relative_to(out).as_posix(),
-                        "settings": _read_json(folder / "settings.json") or {},
+                        "seed": int(folder.name[4:]), "status": status,
+                        "run_dir": folder.relative_to(out).as_posix(),
+                        "settings": read_json(folder / "settings.json") or {},
                         "error": error.read_text().strip() if status == "failed" else None})
     return records
 
@@ -179,8 +181,14 @@ def _backbone_text(settings: Mapping[str, Any]) -> str:
     return f"{settings['backbone']} ({source})"
 
 
-def _show(value: Any) -> str:
-    return "default" if value is None else str(value)
+ADAPTER_FIELDS = ("rank", "adapter_dropout")  # only methods with an adapter have them; None: its default
+
+
+def _with_method_defaults(train: Mapping[str, Any]) -> dict[str, Any]:
+    """A run's settings with rank and adapter dropout as its method used them (None: the method's default)."""
+    spec = SPECS.get(train.get("method"))
+    defaults = {"rank": spec.default_rank, "adapter_dropout": spec.default_dropout} if spec else {}
+    return {**train, **{k: defaults.get(k) for k in ADAPTER_FIELDS if train.get(k) is None}}
 
 
 def _merge_values(dicts: Sequence[Mapping[str, Any]]) -> dict[str, list[Any]]:
@@ -192,16 +200,20 @@ def _merge_values(dicts: Sequence[Mapping[str, Any]]) -> dict[str, list[Any]]:
     return {key: list(values) for key, values in merged.items()}
 
 
-def describe_runs(records: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
-    """What the finished runs were: protocol, backbone, shared and per-method settings, versions, data."""
+def describe_runs(records: Sequence[Mapping[str, Any]], methods: Sequence[str] = ()) -> dict[str, Any]:
+    """What the finished runs were: protocol, backbone, shared and per-method settings (methods in the order
+    of ``methods``, then as found), versions, data fingerprints."""
     done = [r for r in records if r["status"] == "done" and r.get("settings")]
     values = _merge_values([{k: v for k, v in r["settings"]["train"].items() if k not in ("method", "seed")}
                             for r in done])
-    shared = {k: v[0] for k, v in values.items() if len(v) == 1}
+    shared = {k: v[0] for k, v in values.items() if len(v) == 1 and k not in ADAPTER_FIELDS}
     per_method = {}
-    for method in dict.fromkeys(r["method"] for r in done):
-        mine = _merge_values([r["settings"]["train"] for r in done if r["method"] == method])
-        per_method[method] = {k: " / ".join(map(_show, mine.get(k, []))) for k in values if k not in shared}
+    for method in dict.fromkeys([*methods, *(r["method"] for r in done)]):
+        mine = _merge_values([_with_method_defaults(r["settings"]["train"]) for r in done if r["method"] == method])
+        if not mine:
+            continue
+        per_method[method] = {k: " / ".join("–" if v is None else str(v) for v in mine.get(k, []))
+                              for k in values if k not in shared}
     return {"protocol": sorted({_protocol_text(r["settings"]) for r in done}),
             "backbone": sorted({_backbone_text(r["settings"]) for r in done}),
             "seeds": sorted({r["seed"] for r in done}), "shared_settings": shared, "method_settings": per_method,
@@ -266,12 +278,13 @@ def render_report(title: str, table: Mapping[str, Any], about: Mapping[str, Any]
              + (", mean of group means: the mean of the group columns" if len(groups) > 1 else "")
              + ". params (M): trainable parameters in millions, mean over tasks (the head depends on the classes).",
              ""]
-    if about["method_settings"] and any(about["method_settings"].values()):
+    if any(about["method_settings"].values()):
         names = list(next(iter(about["method_settings"].values())))
         rows = [[m, *(s[k] for k in names)] for m, s in about["method_settings"].items()]
         lines += ["## Per-method settings", "", *_markdown_table(["method", *names], rows, len(names) + 1), ""]
     if about["data_fingerprints"]:
-        roles = sorted({role for fp in about["data_fingerprints"].values() for role in fp})
+        roles = [role for role in ("train", "val", "test")
+                 if any(role in fp for fp in about["data_fingerprints"].values())]
         rows = [[task, *(" ≠ ".join(f[:12] for f in fps.get(role, [])) or "–" for role in roles)]
                 for task, fps in about["data_fingerprints"].items()]
         lines += ["## Data fingerprints", "",
@@ -280,19 +293,22 @@ def render_report(title: str, table: Mapping[str, Any], about: Mapping[str, Any]
                   *_markdown_table(["task", *roles], rows, len(roles) + 1), ""]
     if failed:
         lines += ["## Failed runs", ""]
-        lines += [f"- {r['task']} / {r['method']} / seed {r['seed']}: {r['error'].splitlines()[0]}" for r in failed]
+        for r in failed:
+            lines.append(f"- {r['task']} / {r['method']} / seed {r['seed']}: " + r["error"].partition("\n")[0])
         lines.append("")
     if outstanding:
         lines += ["## Outstanding runs", "", *(f"- {name}" for name in outstanding), ""]
     return "\n".join(lines)
 
 
-def _infer_suite(records: Sequence[Mapping[str, Any]]) -> str:
+def _infer_suite(out: Path, records: Sequence[Mapping[str, Any]]) -> str:
+    if not records:
+        raise ConfigError(f"{out}: no bench.json and no run folders under {out / RUNS_DIR}")
     tasks = {r["task"] for r in records}
     for name, suite in SUITES.items():
-        if tasks and tasks <= set(suite.tasks):
+        if tasks <= set(suite.tasks):
             return name
-    raise ConfigError(f"cannot tell which suite tasks {sorted(tasks)} belong to; pass --suite")
+    raise ConfigError(f"{out}: cannot tell which suite tasks {sorted(tasks)} belong to; pass --suite")
 
 
 def build_report(out: str | Path, suite: str | None = None) -> dict[str, Any]:
@@ -303,8 +319,8 @@ def build_report(out: str | Path, suite: str | None = None) -> dict[str, Any]:
     """
     out = Path(out)
     records = collect_runs(out)
-    plan = _read_json(out / PLAN_FILE) or {}
-    suite = suite or plan.get("suite") or _infer_suite(records)
+    plan = read_json(out / PLAN_FILE) or {}
+    suite = suite or plan.get("suite") or _infer_suite(out, records)
     if suite not in SUITES:
         raise ConfigError(f"unknown suite {suite!r}; choose from {', '.join(SUITES)}")
     info = SUITES[suite]
@@ -312,7 +328,7 @@ def build_report(out: str | Path, suite: str | None = None) -> dict[str, Any]:
     tasks = {t: g for t, g in info.tasks.items() if t in planned}
     methods = list(dict.fromkeys([*plan.get("methods", []), *(r["method"] for r in records)]))
     table = build_table(records, tasks, methods)
-    about = describe_runs(records)
+    about = describe_runs(records, methods)
     rows = [_flat_row(r, tasks) for r in records]
     summary = {"suite": suite, "title": info.title, "plan": plan, "about": about, "table": table, "runs": rows}
     write_text(out / "results.csv", _csv(rows))
@@ -322,7 +338,8 @@ def build_report(out: str | Path, suite: str | None = None) -> dict[str, Any]:
                row["all_tasks"]["mean"], row["all_tasks"]["std"] or 0.0)
               for row in table["rows"] if row["all_tasks"]["mean"] is not None]
     if points:
+        missing = "; *: some tasks missing" if any(p[0].endswith("*") for p in points) else ""
         plot_accuracy_vs_params(points, out / "accuracy_vs_params.png",
-                                f"{info.title}: {', '.join(about['backbone'])}\nmean top-1 over {len(tasks)} tasks "
-                                "(* some tasks missing; bars: std over seeds)")
+                                f"{info.title}: {', '.join(about['backbone'])}\n"
+                                f"mean top-1 over {len(tasks)} tasks (bars: std over seeds{missing})")
     return summary

@@ -75,6 +75,7 @@ class TrainConfig:
     strategy: str = "auto"
     num_workers: int = 0
     grad_checkpointing: bool = False
+    drop_path: float = 0.0
     eval_batch_size: int = 256
 
     def __post_init__(self) -> None:
@@ -82,6 +83,13 @@ class TrainConfig:
         for name in positive:
             if not getattr(self, name) > 0:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)!r}")
+        for name in ("batch_size", "epochs", "warmup_epochs", "devices", "num_nodes", "eval_batch_size",
+                     "num_workers", "seed"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise ConfigError(f"{name} must be a whole number, got {value!r}")
+        if not 0 <= self.drop_path < 1:
+            raise ConfigError(f"drop_path must be in [0, 1), got {self.drop_path!r}")
         for name in ("weight_decay", "grad_clip", "num_workers", "label_smoothing"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must not be negative, got {getattr(self, name)!r}")
@@ -92,7 +100,7 @@ class TrainConfig:
             raise ConfigError(f"label_smoothing must be in [0, 1), got {self.label_smoothing!r}")
         if not 0 <= self.seed < 2 ** 32:
             raise ConfigError(f"seed must be in [0, 2**32), got {self.seed!r}")
-        if not 0 <= self.warmup_epochs < self.epochs or self.warmup_epochs != int(self.warmup_epochs):
+        if not 0 <= self.warmup_epochs < self.epochs:
             raise ConfigError(f"warmup_epochs must be a whole number in [0, epochs), got {self.warmup_epochs!r}")
         if self.method not in SPECS:
             raise ConfigError(f"unknown method {self.method!r}; choose from {', '.join(SPECS)}")
@@ -109,7 +117,15 @@ class TrainConfig:
         unknown = sorted(set(d) - known)
         if unknown:
             raise ConfigError(f"{source}: unknown setting(s) {', '.join(unknown)}")
-        return cls(**d)
+        for name, value in d.items():  # a config file can hold any type; flags are typed by argparse
+            default = getattr(cls, name, None)
+            if isinstance(default, (int, float)) and not isinstance(default, bool) and (
+                    isinstance(value, bool) or not isinstance(value, (int, float))):
+                raise ConfigError(f"{source}: {name} must be a number, got {value!r}")
+        try:
+            return cls(**d)
+        except TypeError as e:  # e.g. a string where a number belongs, in a config file
+            raise ConfigError(f"{source}: a setting has the wrong type ({e})") from None
 
 
 @dataclass
@@ -213,7 +229,8 @@ def train(backbone: str, data: DataSpec, cfg: TrainConfig, out_dir: str | Path, 
     train_split, val_split, test_split = PROTOCOL_SPLITS[layout][cfg.protocol]
 
     seed_everything(cfg.seed, verbose=False)  # before any weight is initialised: adapters, heads
-    model = create_backbone(backbone, num_classes=1, checkpoint=checkpoint, pretrained=pretrained)  # head resized below
+    model = create_backbone(backbone, num_classes=1, checkpoint=checkpoint, pretrained=pretrained,
+                            drop_path_rate=cfg.drop_path)  # head resized below
     splits = {}
     for role, split in (("train", train_split), ("val", val_split), ("test", test_split)):
         if split is not None:

@@ -167,7 +167,10 @@ def detect_layout(root: str | Path, task: str = "") -> str:
 
     A name both benchmarks use ('flowers') picks whichever task folder holds its files, VTAB-1k first.
     """
-    return _detect(Path(root), task)[0]
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"{root}: data root not found")
+    return _detect(root, task)[0]
 
 
 def _read_text(path: Path, what: str) -> str:
