@@ -60,6 +60,9 @@ def apply_arc(model: nn.Module, config: ARCConfig | None = None) -> nn.Module:
         if stage_dims.setdefault(site.stage, site.dim) != site.dim:
             raise ModelError(f"{site.block_name}: width {site.dim} differs from the rest of its stage "
                              f"({stage_dims[site.stage]}); one shared projection per stage needs one width")
+    if config.rank > min(stage_dims.values()):
+        raise ModelError(f"rank {config.rank} exceeds the model's width {min(stage_dims.values())}: "
+                         "the shared projection D (width x rank) would have more columns than dimensions")
     n_stages = max(stage_dims) + 1
     shared = ARCShared([stage_dims.get(s, 0) for s in range(n_stages)], config.rank, config.positions)
     shared.config = config

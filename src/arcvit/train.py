@@ -101,7 +101,8 @@ class TrainConfig:
         if not 0 <= self.seed < 2 ** 32:
             raise ConfigError(f"seed must be in [0, 2**32), got {self.seed!r}")
         if not 0 <= self.warmup_epochs < self.epochs:
-            raise ConfigError(f"warmup_epochs must be a whole number in [0, epochs), got {self.warmup_epochs!r}")
+            raise ConfigError(f"warmup_epochs ({self.warmup_epochs}) must be in [0, epochs) with epochs = "
+                              f"{self.epochs}; set --warmup-epochs too")
         if self.method not in SPECS:
             raise ConfigError(f"unknown method {self.method!r}; choose from {', '.join(SPECS)}")
         if self.protocol not in ("final", "select"):
@@ -215,6 +216,22 @@ def _prepare_output(out: Path, resume: bool) -> None:
                           "or choose another --out")
 
 
+RUNTIME_FIELDS = ("accelerator", "devices", "num_nodes", "strategy", "num_workers", "eval_batch_size")
+
+
+def _check_resumable(out: Path, cfg: TrainConfig) -> None:
+    """A resumed run must continue with the settings it started with (devices and workers may change)."""
+    try:
+        before = json.loads((out / "settings.json").read_text())["train"]
+    except (OSError, ValueError, KeyError):
+        return
+    now = asdict(cfg)
+    changed = [f"{k}: {before.get(k)!r} -> {now[k]!r}" for k in now
+               if k not in RUNTIME_FIELDS and k in before and before[k] != now[k]]
+    if changed:
+        raise ConfigError(f"{out}: --resume with other settings than the run started with ({'; '.join(changed)})")
+
+
 def train(backbone: str, data: DataSpec, cfg: TrainConfig, out_dir: str | Path, *,
           checkpoint: str | Path | None = None, pretrained: bool = True, resume: bool = False,
           progress: bool = True,
@@ -222,6 +239,8 @@ def train(backbone: str, data: DataSpec, cfg: TrainConfig, out_dir: str | Path, 
     """Train ``cfg.method`` on one task and return the results (also written to ``out_dir``)."""
     out = Path(out_dir)
     _prepare_output(out, resume)
+    if resume:
+        _check_resumable(out, cfg)
     if resume and (out / "results.json").exists():
         return json.loads((out / "results.json").read_text())
 
