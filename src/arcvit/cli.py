@@ -66,9 +66,9 @@ def _settings_from_file(path: str, task: str) -> dict[str, Any]:
         raise ConfigError(f"{file}: cannot parse ({e})") from None
     settings = dict(data.get("defaults", {}))
     tasks = data.get("tasks", {})
-    from arcvit.data.layouts import _key
+    from arcvit.data.layouts import task_key
     for name, overrides in tasks.items():
-        if _key(name) == _key(task):
+        if task_key(name) == task_key(task):
             settings.update(overrides)
     return settings
 

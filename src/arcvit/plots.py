@@ -21,6 +21,7 @@ def plot_accuracy_vs_params(points: Sequence[tuple[str, float, float, float]], p
                     capsize=3, label=method, zorder=3 if method.startswith("arc") else 2)
         ax.annotate(method, (params, acc), textcoords="offset points", xytext=(6, 5), fontsize=9)
     ax.set_xscale("log")
+    ax.margins(x=0.12, y=0.1)  # room for the labels of the outermost points
     ax.set_xlabel("trainable parameters (log scale)")
     ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=10)

@@ -34,7 +34,7 @@ class Task:
     image_subdir: str = ""
 
 
-def _key(name: str) -> str:
+def task_key(name: str) -> str:
     """Task names match case-insensitively, with '-' and '_' interchangeable."""
     return name.strip().lower().replace("-", "_")
 
@@ -49,7 +49,7 @@ VTAB_TASKS: dict[str, Task] = {t.folder: t for t in (
     Task("kitti", 4, "structured"), Task("dsprites_loc", 16, "structured"), Task("dsprites_ori", 16, "structured"),
     Task("smallnorb_azi", 18, "structured"), Task("smallnorb_ele", 9, "structured"),
 )}
-FGVC_TASKS: dict[str, Task] = {_key(t.folder): t for t in (
+FGVC_TASKS: dict[str, Task] = {task_key(t.folder): t for t in (
     Task("CUB_200_2011", 200, "fgvc", "images"), Task("nabirds", 555, "fgvc", "images"),
     Task("OxfordFlower", 102, "fgvc"), Task("Stanford-dogs", 120, "fgvc", "Images"),
     Task("Stanford-cars", 196, "fgvc"),
@@ -77,7 +77,7 @@ def resolve_task(name: str, layout: str) -> Task:
     if layout not in _REGISTRIES:
         raise ConfigError(f"layout {layout!r}: tasks are registered for {', '.join(_REGISTRIES)} only")
     tasks = _REGISTRIES[layout]
-    key = _ALIASES[layout].get(_key(name), _key(name))
+    key = _ALIASES[layout].get(task_key(name), task_key(name))
     if key not in tasks:
         raise DataError(f"unknown {_TITLES[layout]} task {name!r} (layout {layout!r}); known: "
                         f"{', '.join(t.folder for t in tasks.values())} (aliases: {', '.join(_ALIASES[layout])})")
@@ -94,7 +94,7 @@ def _task_folder(root: Path, info: Task) -> Path | None:
     """``root/<folder>``, or ``root`` itself when it is the task's folder; None when neither is."""
     if (root / info.folder).is_dir():
         return root / info.folder
-    return root if _key(root.name) == _key(info.folder) else None
+    return root if task_key(root.name) == task_key(info.folder) else None
 
 
 def _custom_vtab_task(folder: Path) -> Task | None:
