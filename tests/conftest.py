@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 
 MINI_TASKS = ("shapes_count", "mnist5k")
 MINI_TEST_SIZE = 100
@@ -177,3 +178,12 @@ def reference_run(_reference_process) -> RunOutcome:
         proc.wait()
     assert proc.returncode == 0, (folder / "stderr.txt").read_text()[-3000:]
     return RunOutcome.read(folder / "run")
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """On models this small, starting and syncing threads costs more than the math, badly so on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

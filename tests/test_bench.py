@@ -22,16 +22,11 @@ from arcvit.report import build_table, format_cell, render_table, run_dir
 
 TASKS = {"a": "natural", "b": "natural", "c": "structured"}
 approx = partial(pytest.approx, abs=1e-4)  # the table rounds to 4 decimals
+MINI_EPOCHS = load_config(bench.CONFIG_DIR / "mini.toml", "mini").defaults["epochs"]
 MINI = ["mnist5k", "animal_shapes"]  # a natural and a specialized task, both quick to build
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """On a model this small, starting and syncing threads costs more than the math, badly so on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def record(task: str, method: str, seed: int, top1: float | None, status: str = "done") -> dict:
@@ -103,7 +98,7 @@ def test_report_command_rebuilds_from_run_folders(tmp_path, capsys):
     assert "## Outstanding runs\n\n- shapes_location / linear / seed 0" in report
     assert "| method | rank | adapter_dropout |" in report and "| arc | 16 | 0.1 |" in report  # per-method settings
     assert "| linear | – | – |" in report
-    assert "lr=0.01, weight_decay=0.0" in report and "epochs=10" in report  # shared settings
+    assert "lr=0.01, weight_decay=0.0" in report and f"epochs={MINI_EPOCHS}" in report  # shared settings
     assert f"torch {torch.__version__}" in report and "| mnist5k | mnist5k00000 | ffffffffffff |" in report
     rows = list(csv.DictReader((tmp_path / "results.csv").open()))
     assert len(rows) == 14 and {r["status"] for r in rows} == {"done", "failed", "unfinished"}
@@ -156,7 +151,7 @@ def test_failed_and_interrupted_runs_resume(tmp_path, monkeypatch, mini_data, ca
     run_bench("mini", out, **kw)  # failed runs are tried again, finished ones are not
     assert fit.calls == [("mnist5k", "arc", 1), ("animal_shapes", "arc", 0), ("animal_shapes", "arc", 1)]
     assert not list(out.glob("runs/*/*/*/error.txt"))
-    with pytest.raises(ConfigError, match="was run with other settings.*epochs 10 -> 2"):
+    with pytest.raises(ConfigError, match=f"was run with other settings.*epochs {MINI_EPOCHS} -> 2"):
         run_bench("mini", out, **kw, overrides={"epochs": 2})
 
 
