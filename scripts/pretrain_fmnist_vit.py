@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from arcvit.data.idx import FASHION_MNIST_DIR, load_fashion_mnist
 from arcvit.fileio import sha256_file, write_json, write_safetensors
-from arcvit.zoo import FMNIST_MEAN, FMNIST_STD, PICO_ARCH, PICO_NAME, PICO_PROVENANCE, PICO_WEIGHTS
+from arcvit.backends.timm.zoo import FMNIST_MEAN, FMNIST_STD, PICO_ARCH, PICO_NAME, PICO_PROVENANCE, PICO_WEIGHTS
 
 
 def to_input(images: np.ndarray) -> torch.Tensor:

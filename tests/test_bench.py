@@ -13,16 +13,17 @@ from statistics import stdev
 import pytest
 import torch
 
-from arcvit import bench
-from arcvit.bench import load_config, run_bench, run_config
+from arcvit.bench import runner as bench
+from arcvit.bench.runner import run_bench, suite_recipe
+from arcvit.training.recipes import train_config
 from arcvit.cli import main
 from arcvit.data.mini import build_mini_suite
 from arcvit.errors import ConfigError, DataError
-from arcvit.report import build_table, format_cell, render_table, run_dir
+from arcvit.bench.report import build_table, format_cell, render_table, run_dir
 
 TASKS = {"a": "natural", "b": "natural", "c": "structured"}
 approx = partial(pytest.approx, abs=1e-4)  # the table rounds to 4 decimals
-MINI_EPOCHS = load_config(bench.CONFIG_DIR / "mini.toml", "mini").defaults["epochs"]
+MINI_EPOCHS = suite_recipe(bench.CONFIG_DIR / "mini.toml", "mini").defaults["epochs"]
 MINI = ["mnist5k", "animal_shapes"]  # a natural and a specialized task, both quick to build
 
 
@@ -78,11 +79,11 @@ def write_run(folder: Path, task: str, cfg, top1: float, backbone: str = "vit_pi
 
 
 def test_report_command_rebuilds_from_run_folders(tmp_path, capsys):
-    recipe = load_config(bench.CONFIG_DIR / "mini.toml", "mini")
+    recipe = suite_recipe(bench.CONFIG_DIR / "mini.toml", "mini")
     for task, top1 in (("mnist5k", 0.9), ("animal_shapes", 0.6), ("shapes_count", 0.5)):
         for method in ("linear", "arc"):
             for seed in (0, 1):
-                write_run(run_dir(tmp_path, task, method, seed), task, run_config(recipe, task, method, seed), top1)
+                write_run(run_dir(tmp_path, task, method, seed), task, train_config(recipe, task, method, {"seed": seed}), top1)
     run_dir(tmp_path, "shapes_location", "arc", 0).mkdir(parents=True)
     (run_dir(tmp_path, "shapes_location", "arc", 0) / "error.txt").write_text("DataError: bad image\n")
     run_dir(tmp_path, "shapes_location", "linear", 0).mkdir(parents=True)  # stopped before finishing

@@ -105,8 +105,8 @@ def _edit_line(path: Path, index: int, new: str) -> None:
 
 def _write_bad_files(ws: Path, ns: dict) -> None:
     import arcvit
-    from arcvit.adapter_file import CONFIG_NAME, WEIGHTS_NAME
-    from arcvit.backbones import create_backbone
+    from arcvit.core.adapter_file import CONFIG_NAME, WEIGHTS_NAME
+    from arcvit.backends.timm.create import create_backbone
     task = ns["data"] / TINY_TASK
     bad = ws / "bad"
     bad.mkdir()

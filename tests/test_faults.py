@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from arcvit.checkpoint import load_latest_checkpoint
+from arcvit.training.checkpoint import load_latest_checkpoint
 from conftest import arcvit_command, subprocess_env
 
 torch.set_num_threads(1)

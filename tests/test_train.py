@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 from arcvit.data.sources import mnist5k
 from arcvit.data.writers import write_fgvc_task, write_image_folder, write_vtab_task
 from arcvit.errors import ConfigError
-from arcvit.train import DataSpec, TrainConfig, train
+from arcvit.training.loop import DataSpec, TrainConfig, train
 
 BACKBONE = "vit_pico_patch7_28"
 

@@ -1,16 +1,19 @@
-"""arcvit: ARC (Adapter Re-Composing) for timm Vision Transformers.
+"""arcvit: ARC (Adapter Re-Composing) for Vision Transformers.
 
 Train ~0.1% of a pretrained ViT's parameters, then fold the adapters into the backbone and serve the
-plain timm model at exactly its original cost.
+plain model at exactly its original cost.
 """
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
-from arcvit import zoo as _zoo  # noqa: E402,F401  (registers arcvit's shipped backbone with timm)
-from arcvit.adapter_file import load_adapter, save_adapter  # noqa: E402
-from arcvit.arc import apply_arc, merge, trainable_parameters  # noqa: E402
-from arcvit.config import ARCConfig  # noqa: E402
+from arcvit.backends import timm as _timm  # noqa: E402,F401  (registers timm's block specs and the shipped ViT)
+from arcvit.core.adapter_file import load_adapter, save_adapter  # noqa: E402
+from arcvit.core.arc import apply_arc, merge, trainable_parameters  # noqa: E402
+from arcvit.core.config import ARCConfig  # noqa: E402
+from arcvit.core.params import arc_parameter_count  # noqa: E402
+from arcvit.core.specs import register_lazy_backend as _register_lazy_backend  # noqa: E402
 from arcvit.errors import ArcvitError  # noqa: E402
-from arcvit.params import arc_parameter_count  # noqa: E402
+
+_register_lazy_backend("transformers.", "arcvit.backends.transformers")
 
 __all__ = ["ARCConfig", "ArcvitError", "apply_arc", "merge", "trainable_parameters", "save_adapter",
            "load_adapter", "arc_parameter_count", "__version__"]

@@ -19,7 +19,7 @@ import math
 import platform
 import sys
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -32,110 +32,20 @@ from lightning_fabric.utilities.seed import seed_everything
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from arcvit import __version__
-from arcvit.adapter_file import save_adapter
-from arcvit.arc import is_adapted
-from arcvit.backbones import create_backbone
-from arcvit.checkpoint import load_latest_checkpoint, optimizer_from_tensors, optimizer_to_tensors, save_checkpoint
+from arcvit.backends.timm.create import create_backbone
+from arcvit.core.adapter_file import save_adapter
+from arcvit.core.arc import is_adapted
+from arcvit.core.params import parameter_breakdown
+from arcvit.core.sites import find_blocks
 from arcvit.data.layouts import detect_layout, load_split
 from arcvit.data.transforms import build_transform
 from arcvit.errors import ConfigError
 from arcvit.fileio import write_json, write_safetensors, write_text
 from arcvit.methods import SPECS, prepare_model, trainable_state_dict
-from arcvit.params import parameter_breakdown
-from arcvit.progress import EpochProgress
-
-PROTOCOL_SPLITS = {  # layout -> protocol -> (train, val, test)
-    "vtab": {"final": ("train800val200", None, "test"), "select": ("train800", "val200", "test")},
-    "fgvc": {"final": ("trainval", None, "test"), "select": ("train", "val", "test")},
-    "folder": {"final": ("train", None, "test"), "select": ("train", "val", "test")},
-}
-
-
-@dataclass
-class TrainConfig:
-    """Defaults are the ARC paper's VTAB-1k recipe."""
-
-    method: str = "arc"
-    rank: int | None = None
-    adapter_dropout: float | None = None
-    lr: float = 1e-2
-    weight_decay: float = 0.0
-    batch_size: int = 32
-    epochs: int = 100
-    warmup_epochs: int = 10
-    grad_clip: float = 1.0
-    label_smoothing: float = 0.0
-    seed: int = 0
-    protocol: str = "final"
-    recipe: str = "timm"
-    precision: str = "32-true"
-    accelerator: str = "auto"
-    devices: int = 1
-    num_nodes: int = 1
-    strategy: str = "auto"
-    num_workers: int = 0
-    grad_checkpointing: bool = False
-    drop_path: float = 0.0
-    eval_batch_size: int = 256
-
-    def __post_init__(self) -> None:
-        positive = ("lr", "batch_size", "epochs", "devices", "num_nodes", "eval_batch_size")
-        for name in positive:
-            if not getattr(self, name) > 0:
-                raise ConfigError(f"{name} must be positive, got {getattr(self, name)!r}")
-        for name in ("batch_size", "epochs", "warmup_epochs", "devices", "num_nodes", "eval_batch_size",
-                     "num_workers", "seed"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool):
-                raise ConfigError(f"{name} must be a whole number, got {value!r}")
-        if not 0 <= self.drop_path < 1:
-            raise ConfigError(f"drop_path must be in [0, 1), got {self.drop_path!r}")
-        for name in ("weight_decay", "grad_clip", "num_workers", "label_smoothing"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"{name} must not be negative, got {getattr(self, name)!r}")
-        for name in ("lr", "weight_decay", "grad_clip", "label_smoothing"):
-            if not math.isfinite(getattr(self, name)):
-                raise ConfigError(f"{name} must be a finite number, got {getattr(self, name)!r}")
-        if not self.label_smoothing < 1:
-            raise ConfigError(f"label_smoothing must be in [0, 1), got {self.label_smoothing!r}")
-        if not 0 <= self.seed < 2 ** 32:
-            raise ConfigError(f"seed must be in [0, 2**32), got {self.seed!r}")
-        if not 0 <= self.warmup_epochs < self.epochs:
-            raise ConfigError(f"warmup_epochs ({self.warmup_epochs}) must be in [0, epochs) with epochs = "
-                              f"{self.epochs}; set --warmup-epochs too")
-        if self.method not in SPECS:
-            raise ConfigError(f"unknown method {self.method!r}; choose from {', '.join(SPECS)}")
-        if self.protocol not in ("final", "select"):
-            raise ConfigError(f"protocol must be 'final' or 'select', got {self.protocol!r}")
-        if self.recipe not in ("timm", "paper"):
-            raise ConfigError(f"recipe must be 'timm' or 'paper', got {self.recipe!r}")
-        if self.rank is not None and self.rank < 1:
-            raise ConfigError(f"rank must be a positive integer, got {self.rank!r}")
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any], source: str = "config") -> "TrainConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ConfigError(f"{source}: unknown setting(s) {', '.join(unknown)}")
-        for name, value in d.items():  # a config file can hold any type; flags are typed by argparse
-            default = getattr(cls, name, None)
-            if isinstance(default, (int, float)) and not isinstance(default, bool) and (
-                    isinstance(value, bool) or not isinstance(value, (int, float))):
-                raise ConfigError(f"{source}: {name} must be a number, got {value!r}")
-        try:
-            return cls(**d)
-        except TypeError as e:  # e.g. a string where a number belongs, in a config file
-            raise ConfigError(f"{source}: a setting has the wrong type ({e})") from None
-
-
-@dataclass
-class DataSpec:
-    root: str
-    task: str = ""
-    layout: str = "auto"
-    skip_corrupt: bool = False
-
+from arcvit.training.checkpoint import (load_latest_checkpoint, optimizer_from_tensors, optimizer_to_tensors,
+                                       save_checkpoint)
+from arcvit.training.config import PROTOCOL_SPLITS, RUNTIME_FIELDS, DataSpec, TrainConfig
+from arcvit.training.progress import EpochProgress
 
 class _Shard(torch.utils.data.Sampler):
     """Every ``world``-th index from ``rank``, with no padding, so that distributed evaluation counts each
@@ -182,8 +92,7 @@ def _strategy(cfg: TrainConfig, model: nn.Module):
         return cfg.strategy
     from lightning_fabric.strategies import FSDPStrategy
 
-    from arcvit.sites import SUPPORTED_BLOCKS
-    blocks = {type(m) for m in model.modules() if isinstance(m, SUPPORTED_BLOCKS)}
+    blocks = {type(m) for _, m, _ in find_blocks(model)}
     return FSDPStrategy(auto_wrap_policy=blocks, use_orig_params=True,
                         activation_checkpointing_policy=blocks if cfg.grad_checkpointing else None)
 
@@ -216,7 +125,6 @@ def _prepare_output(out: Path, resume: bool) -> None:
                           "or choose another --out")
 
 
-RUNTIME_FIELDS = ("accelerator", "devices", "num_nodes", "strategy", "num_workers", "eval_batch_size")
 
 
 def _check_resumable(out: Path, cfg: TrainConfig) -> None:

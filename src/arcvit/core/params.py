@@ -5,7 +5,9 @@ from collections.abc import Sequence
 
 import torch.nn as nn
 
-from arcvit.arc import adapter_parameter_names, head_parameter_names
+from arcvit.core.arc import adapter_parameter_names, head_parameter_names
+from arcvit.core.sites import find_blocks, unwrapped
+from arcvit.core.specs import block_spec_for
 
 
 def arc_parameter_count(stage_dims: Sequence[int], stage_depths: Sequence[int], rank: int,
@@ -31,14 +33,13 @@ def parameter_breakdown(model: nn.Module) -> dict[str, int]:
 
 def _tokens_and_shape(model: nn.Module) -> tuple[int, int, int, int]:
     """(tokens per image, width, depth, heads) of a ViT-family model, from its patch embedding and blocks."""
-    from arcvit.sites import find_blocks
     blocks = find_blocks(model)
     last = blocks[-1][1]
     embed = getattr(model, "patch_embed", None)
     tokens = getattr(embed, "num_patches", 196) + getattr(model, "num_prefix_tokens", 0)
-    dim = last.norm1.normalized_shape[0]
-    heads = getattr(last.attn, "num_heads", 1)
-    return tokens, dim, len(blocks), heads
+    place = block_spec_for(last).places["att"]
+    dim = getattr(last, place.norm).normalized_shape[0]
+    return tokens, dim, len(blocks), getattr(unwrapped(getattr(last, place.host)), "num_heads", 1)
 
 
 def memory_estimate(model: nn.Module, batch_size: int, precision: str = "32-true",
@@ -64,27 +65,3 @@ def memory_estimate(model: nn.Module, batch_size: int, precision: str = "32-true
             "grads_and_adamw_gib": round(counts["trainable"] * 12 / gib, 3),
             "activations_gib": round(activations / gib, 3),
             "total_gib": round((counts["total"] * weight_bytes + counts["trainable"] * 12 + activations) / gib, 3)}
-
-
-def describe_backbone(name: str, num_classes: int, method: str = "arc", rank: int | None = None,
-                      batch_size: int = 32, precision: str = "32-true") -> dict:
-    """Parameter counts and memory estimates for a method on a timm backbone, without loading weights."""
-    import timm
-    import torch
-
-    from arcvit.backbones import create_backbone
-    from arcvit.methods import prepare_model
-    with torch.device("meta"):
-        model = create_backbone(name, num_classes, pretrained=False)
-        total_before = sum(p.numel() for p in model.parameters())
-        model = prepare_model(model, method, rank=rank)
-    counts = parameter_breakdown(model)
-    return {
-        "backbone": name, "timm": timm.__version__, "method": method, "num_classes": num_classes,
-        "backbone_params": total_before, **{f"{k}_params": v for k, v in counts.items()},
-        "trainable_percent": round(100 * counts["trainable"] / total_before, 4),
-        "memory_estimate": {
-            f"batch {batch_size}, {precision}": memory_estimate(model, batch_size, precision),
-            f"batch {batch_size}, {precision}, grad checkpointing": memory_estimate(
-                model, batch_size, precision, grad_checkpointing=True)},
-    }

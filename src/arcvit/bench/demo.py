@@ -12,14 +12,15 @@ from rich.table import Table
 from torch.utils.data import DataLoader
 
 import arcvit
-from arcvit.backbones import create_backbone
+from arcvit.backends.timm.create import create_backbone
 from arcvit.data.layouts import load_split
 from arcvit.data.mini import MINI_TASKS, build_mini_suite
 from arcvit.data.transforms import build_transform
 from arcvit.fileio import write_json, write_text
-from arcvit.plots import plot_accuracy_vs_params
-from arcvit.train import DataSpec, TrainConfig, train
-from arcvit.zoo import DEFAULT_BACKBONE
+from arcvit.bench.plots import plot_accuracy_vs_params
+from arcvit.training.config import DataSpec, TrainConfig
+from arcvit.training.loop import train
+from arcvit.backends.timm.zoo import DEFAULT_BACKBONE
 
 DEMO_TASKS = ("mnist5k", "animal_shapes")
 # Per-method learning rates (the rest of the recipe is shared): adapters and the head train well at the
@@ -31,7 +32,7 @@ DEMO_EPOCHS = 12
 @torch.no_grad()
 def check_merge(run_dir: Path, data_root: Path, task: str) -> dict[str, float | int]:
     """Load the trained adapter onto a fresh backbone, merge it, and compare predictions on the test split."""
-    meta = arcvit.adapter_file.read_adapter_config(run_dir / "adapter")
+    meta = arcvit.core.adapter_file.read_adapter_config(run_dir / "adapter")
     model = create_backbone(DEFAULT_BACKBONE, meta["num_classes"])
     arcvit.load_adapter(model, run_dir / "adapter")
     model.eval()

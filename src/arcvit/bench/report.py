@@ -24,7 +24,8 @@ from arcvit.data.mini import MINI_TASKS
 from arcvit.errors import ConfigError
 from arcvit.fileio import write_json, write_text
 from arcvit.methods import SPECS
-from arcvit.plots import plot_accuracy_vs_params
+from arcvit.training.recipes import ADAPTER_FIELDS
+from arcvit.bench.plots import plot_accuracy_vs_params
 
 PLAN_FILE = "bench.json"    # the bench's plan: suite, tasks, methods, seeds, backbone, config
 ERROR_FILE = "error.txt"    # in a run folder: the run failed with this error
@@ -181,7 +182,6 @@ def _backbone_text(settings: Mapping[str, Any]) -> str:
     return f"{settings['backbone']} ({source})"
 
 
-ADAPTER_FIELDS = ("rank", "adapter_dropout")  # only methods with an adapter have them; None: its default
 
 
 def _with_method_defaults(train: Mapping[str, Any]) -> dict[str, Any]:

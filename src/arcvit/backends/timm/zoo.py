@@ -14,7 +14,7 @@ from pathlib import Path
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
 
-WEIGHTS_DIR = Path(__file__).parent / "weights"
+WEIGHTS_DIR = Path(__file__).resolve().parents[2] / "weights"
 PICO_NAME = "vit_pico_patch7_28"
 PICO_TAG = "fmnist_arcvit"
 PICO_WEIGHTS = WEIGHTS_DIR / f"{PICO_NAME}.{PICO_TAG}.safetensors"

@@ -4,13 +4,12 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import tomllib
 from dataclasses import fields
 from pathlib import Path
 from typing import Any, Sequence
 
 from arcvit.errors import ArcvitError, ConfigError
-from arcvit.zoo import DEFAULT_BACKBONE
+from arcvit.backends.timm.zoo import DEFAULT_BACKBONE
 
 
 class _Parser(argparse.ArgumentParser):
@@ -39,10 +38,11 @@ def _add_data(p: argparse.ArgumentParser, split: bool = False) -> None:
 
 def _train_flags(p: argparse.ArgumentParser) -> None:
     from arcvit.methods import METHODS
-    from arcvit.train import TrainConfig
+    from arcvit.training.config import TrainConfig
     defaults = TrainConfig()
     p.add_argument("--method", default=defaults.method, choices=METHODS)
-    p.add_argument("--config", help="TOML/JSON with [defaults] and per-task [tasks.<name>] settings")
+    p.add_argument("--config", help="recipe (TOML/JSON): [defaults], [tasks.<task>], [methods.<method>], "
+                                    "[tasks.<task>.methods.<method>], most specific last; flags beat it")
     for f in fields(TrainConfig):
         if f.name == "method":
             continue
@@ -55,37 +55,20 @@ def _train_flags(p: argparse.ArgumentParser) -> None:
             p.add_argument(flag, type=kind, default=None, help=f"default: {value}")
 
 
-def _settings_from_file(path: str, task: str) -> dict[str, Any]:
-    file = Path(path)
-    try:
-        text = file.read_text()
-        data = tomllib.loads(text) if file.suffix == ".toml" else json.loads(text)
-    except FileNotFoundError:
-        raise ConfigError(f"{file}: no such config file") from None
-    except (tomllib.TOMLDecodeError, json.JSONDecodeError) as e:
-        raise ConfigError(f"{file}: cannot parse ({e})") from None
-    settings = dict(data.get("defaults", {}))
-    tasks = data.get("tasks", {})
-    from arcvit.data.layouts import task_key
-    for name, overrides in tasks.items():
-        if task_key(name) == task_key(task):
-            settings.update(overrides)
-    return settings
-
-
 def _train_config(args: argparse.Namespace):
-    from arcvit.train import TrainConfig
-    settings = _settings_from_file(args.config, args.task) if args.config else {}
-    settings["method"] = args.method
-    for f in fields(TrainConfig):
-        value = getattr(args, f.name, None)
-        if value is not None and f.name != "method":
-            settings[f.name] = value
-    return TrainConfig.from_dict(settings, source=args.config or "flags")
+    """The recipe file's layers for this task and method (``--config``), then every flag given."""
+    from arcvit.data.layouts import task_key
+    from arcvit.training.config import TrainConfig
+    from arcvit.training.recipes import Recipe, load_recipe, train_config
+    recipe = load_recipe(args.config) if args.config else Recipe()
+    flags = {f.name: getattr(args, f.name) for f in fields(TrainConfig)
+             if f.name != "method" and getattr(args, f.name, None) is not None}
+    return train_config(recipe, task_key(args.task), args.method, flags)
 
 
 def cmd_train(args: argparse.Namespace) -> None:
-    from arcvit.train import DataSpec, train
+    from arcvit.training.config import DataSpec
+    from arcvit.training.loop import train
     results = train(args.backbone, DataSpec(args.data, args.task, args.layout, args.skip_corrupt),
                     _train_config(args), args.out, checkpoint=args.checkpoint, pretrained=not args.random_init,
                     resume=args.resume,
@@ -96,8 +79,8 @@ def cmd_train(args: argparse.Namespace) -> None:
 def _adapted_model(args: argparse.Namespace):
     """The backbone with the adapter from ``--adapter`` loaded (or a merged checkpoint from ``--merged``)."""
     import arcvit
-    from arcvit.adapter_file import read_adapter_config
-    from arcvit.backbones import create_backbone
+    from arcvit.core.adapter_file import read_adapter_config
+    from arcvit.backends.timm.create import create_backbone
     if args.merged:
         meta = _merged_meta(args.merged)
         return create_backbone(meta["backbone"], meta["num_classes"], checkpoint=args.merged), meta
@@ -126,7 +109,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
     import arcvit
     from arcvit.data.layouts import load_split
     from arcvit.data.transforms import build_transform
-    from arcvit.train import evaluate
+    from arcvit.training.loop import evaluate
     if args.batch_size < 1:
         raise ConfigError(f"--batch-size must be positive, got {args.batch_size}")
     model, meta = _adapted_model(args)
@@ -189,7 +172,7 @@ def cmd_predict(args: argparse.Namespace) -> None:
 
 
 def cmd_params(args: argparse.Namespace) -> None:
-    from arcvit.params import describe_backbone
+    from arcvit.methods.describe import describe_backbone
     if args.batch_size < 1:
         raise ConfigError(f"--batch-size must be positive, got {args.batch_size}")
     print(json.dumps(describe_backbone(args.backbone, args.num_classes, args.method, args.rank,
@@ -197,7 +180,7 @@ def cmd_params(args: argparse.Namespace) -> None:
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
-    from arcvit.demo import run_demo
+    from arcvit.bench.demo import run_demo
     run_demo(args.out, epochs=args.epochs, progress=not args.quiet)
 
 
@@ -252,7 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_demo)
 
-    from arcvit.bench import add_bench_commands
+    from arcvit.cli.bench import add_bench_commands
     add_bench_commands(sub)
     return parser
 

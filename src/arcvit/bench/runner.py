@@ -1,0 +1,186 @@
+"""``arcvit bench``: every (task, method, seed) of a suite in its own resumable run folder, and the report.
+
+Every method sees the same data, schedule and seeds; only what the suite config sets per method (its learning
+rate, its rank) differs. A bench is safe to kill: a finished run is never trained again, an interrupted one
+continues from its checkpoint, and the report is rebuilt after every run. A bench folder holds one recipe:
+a rerun whose settings differ from a run already there stops before training anything.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+from lightning_fabric.utilities import rank_zero_only
+
+from arcvit.backends.timm.zoo import DEFAULT_BACKBONE
+from arcvit.bench.report import ERROR_FILE, PLAN_FILE, SUITES, build_report, read_json, run_dir
+from arcvit.data.layouts import resolve_task
+from arcvit.data.mini import build_mini_suite
+from arcvit.errors import ArcvitError, ConfigError
+from arcvit.fileio import write_json, write_text
+from arcvit.methods import METHODS, SPECS
+from arcvit.training.config import RUNTIME_FIELDS, DataSpec, TrainConfig
+from arcvit.training.loop import train
+from arcvit.training.recipes import Recipe, load_recipe, train_config
+
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+BENCH_SET_FIELDS = ("method", "seed")  # the bench sets these itself
+
+# With devices > 1, Fabric starts the other processes by rerunning this same command: they train in step with
+# the first, but only the first speaks and writes the plan and report.
+_echo = rank_zero_only(partial(print, flush=True))
+_report = rank_zero_only(build_report)
+
+
+@dataclass(frozen=True)
+class SuiteRun:
+    """How the bench runs a suite: the layout of its data on disk and the backbone its recipe is for."""
+
+    layout: str
+    backbone: str
+    needs_data: bool
+
+
+SUITE_RUNS: dict[str, SuiteRun] = {
+    "mini": SuiteRun("vtab", DEFAULT_BACKBONE, needs_data=False),
+    "vtab1k": SuiteRun("vtab", "vit_base_patch16_224.augreg_in21k", needs_data=True),
+    "fgvc": SuiteRun("fgvc", "vit_base_patch16_224.augreg_in21k", needs_data=True),
+}
+
+
+def canonical_task(suite: str, name: str) -> str:
+    """A suite's task by its folder name or (VTAB-1k, FGVC) a usual alias such as 'cub' or 'pets'."""
+    if suite == "mini":
+        if name not in SUITES["mini"].tasks:
+            raise ConfigError(f"unknown mini task {name!r}; choose from {', '.join(SUITES['mini'].tasks)}")
+        return name
+    return resolve_task(name, SUITE_RUNS[suite].layout).folder
+
+
+def suite_recipe(path: str | Path, suite: str) -> Recipe:
+    """A suite's recipe file: its tasks are the suite's, and method and seed are the bench's to set."""
+    return load_recipe(path, partial(canonical_task, suite), reserved=BENCH_SET_FIELDS)
+
+
+@dataclass(frozen=True)
+class Run:
+    """One planned (task, method, seed): its settings, resolved before anything trains, and its folder."""
+
+    task: str
+    method: str
+    seed: int
+    cfg: TrainConfig
+    dir: Path
+
+
+def _recipe(train_settings: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in train_settings.items() if k not in RUNTIME_FIELDS}
+
+
+def _check_existing(run: Run, identity: Mapping[str, Any]) -> None:
+    """Refuse to mix recipes in one bench folder: a run already there must have been made as planned now."""
+    stored = read_json(run.dir / "settings.json")
+    if stored is None:
+        return
+    want = {**identity, **_recipe(asdict(run.cfg))}
+    have = {**{k: stored.get(k) for k in identity}, **_recipe(stored.get("train", {}))}
+    diffs = [f"{k} {have.get(k)!r} -> {v!r}" for k, v in want.items() if have.get(k) != v]
+    if diffs:
+        raise ConfigError(f"{run.dir} was run with other settings ({', '.join(diffs)}); use another --out, "
+                          "or delete that run folder to redo it")
+
+
+def _prepare_data(suite: str, data: str | Path | None, out: Path, tasks: Sequence[str], test_size: int) -> Path:
+    if suite == "mini":
+        root = Path(data) if data else out / "data"
+        _echo(f"mini suite: data under {root} (built once)")
+        build_mini_suite(root, tasks, test_size=test_size)
+        return root
+    root = Path(data)
+    missing = [t for t in tasks if not (root / t).is_dir()]
+    if missing:
+        raise ConfigError(f"{root}: no folder for task(s) {', '.join(missing)}; pass --tasks to run the others")
+    return root
+
+
+@rank_zero_only
+def _write_plan(out: Path, plan: dict[str, Any]) -> None:
+    """bench.json: what this folder benchmarks. A later bench into it may add tasks, methods and seeds."""
+    old = read_json(out / PLAN_FILE) or {}
+    for key in ("suite", "backbone", "checkpoint", "pretrained"):
+        if key in old and old[key] != plan[key]:
+            raise ConfigError(f"{out} benchmarks {key} {old[key]!r}, not {plan[key]!r}; use another --out")
+    for key in ("tasks", "methods", "seeds"):
+        plan[key] = list(dict.fromkeys([*old.get(key, []), *plan[key]]))
+    tasks = SUITES[plan["suite"]].tasks
+    plan["tasks"] = [t for t in tasks if t in plan["tasks"]]
+    write_json(out / PLAN_FILE, plan)
+
+
+def _selection(suite: str, tasks: Sequence[str] | None, methods: Sequence[str] | None,
+               seeds: Sequence[int]) -> tuple[list[str], list[str], list[int]]:
+    """The tasks (in the suite's order), methods and seeds to run, each checked and without repeats."""
+    wanted = {canonical_task(suite, t) for t in tasks} if tasks else set(SUITES[suite].tasks)
+    methods = list(dict.fromkeys(methods or METHODS))
+    unknown = [m for m in methods if m not in SPECS]
+    if unknown:
+        raise ConfigError(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(METHODS)}")
+    if not seeds or any(isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in seeds):
+        raise ConfigError(f"seeds must be non-negative integers, got {list(seeds)}")
+    return [t for t in SUITES[suite].tasks if t in wanted], methods, list(dict.fromkeys(seeds))
+
+
+def run_bench(suite: str, out: str | Path, *, data: str | Path | None = None, tasks: Sequence[str] | None = None,
+              methods: Sequence[str] | None = None, seeds: Sequence[int] = (0,), backbone: str | None = None,
+              checkpoint: str | Path | None = None, config: str | Path | None = None,
+              overrides: Mapping[str, Any] | None = None, progress: bool = True, pretrained: bool = True,
+              max_steps_per_epoch: int | None = None, mini_test_size: int = 500) -> Path:
+    """Train every (task, method, seed) not yet finished into ``out/runs/<task>/<method>/seed<k>/``, rebuilding
+    the report in ``out`` after each; returns ``out``.
+
+    ``config`` defaults to ``configs/<suite>.toml``; ``overrides`` (TrainConfig fields, e.g. epochs, protocol,
+    devices) beat it for every run. ``pretrained=False``, ``max_steps_per_epoch`` and ``mini_test_size`` make
+    tiny benches for tests. A run failing with an ArcvitError leaves ``error.txt`` and the bench goes on; the
+    next bench retries it.
+    """
+    if suite not in SUITE_RUNS:
+        raise ConfigError(f"unknown suite {suite!r}; choose from {', '.join(SUITE_RUNS)}")
+    spec, out = SUITE_RUNS[suite], Path(out)
+    if spec.needs_data and data is None:
+        raise ConfigError(f"suite {suite} needs --data, the folder holding its task folders")
+    task_names, methods, seeds = _selection(suite, tasks, methods, seeds)
+    config_path = Path(config) if config else CONFIG_DIR / f"{suite}.toml"
+    recipe = suite_recipe(config_path, suite)
+    identity = {"backbone": backbone or spec.backbone, "checkpoint": str(checkpoint) if checkpoint else None,
+                "pretrained": pretrained}
+    runs = [Run(t, m, s, train_config(recipe, t, m, dict(overrides or {}, seed=s)), run_dir(out, t, m, s))
+            for t in task_names for m in methods for s in seeds]
+    for run in runs:
+        _check_existing(run, identity)
+
+    data_root = _prepare_data(suite, data, out, task_names, mini_test_size)
+    _write_plan(out, {"suite": suite, **identity, "data": str(data_root), "config": str(config_path),
+                      "overrides": dict(overrides or {}), "tasks": task_names, "methods": methods, "seeds": seeds})
+    fit = partial(train, identity["backbone"], checkpoint=checkpoint, pretrained=pretrained, resume=True,
+                  progress=progress, max_steps_per_epoch=max_steps_per_epoch)
+    _report(out, suite)
+    for i, run in enumerate(runs, 1):
+        label = f"[{i}/{len(runs)}] {run.task} / {run.method} / seed {run.seed}"
+        if (run.dir / "results.json").exists():
+            _echo(f"{label}: skip (done)")
+            continue
+        (run.dir / ERROR_FILE).unlink(missing_ok=True)
+        try:
+            results = fit(DataSpec(str(data_root), run.task, spec.layout), run.cfg, run.dir)
+            outcome = (f"top-1 {100 * results['test_top1']:.2f}%, {results['trainable_params']:,} trainable, "
+                       f"{results['wall_time_s']:.0f}s")
+        except ArcvitError as e:
+            write_text(run.dir / ERROR_FILE, f"{type(e).__name__}: {e}\n")
+            outcome = f"FAILED ({type(e).__name__}: {e})"
+        _echo(f"{label}: {outcome}")
+        _report(out, suite)
+    _echo(f"report: {out / 'report.md'}")
+    return out

@@ -1,0 +1,187 @@
+"""The ARC modules: shared down-projections, per-site rescale/bias, and the wrappers that insert them.
+
+An adapter site is the normalised token input of a block's attention or MLP. At a site,
+``h = x + dropout(x @ (D * c)) @ D^T + b`` with D (d x r) shared by every block of a stage and position,
+c (r) and b (d) per site. The up-projection is D^T, so it costs no parameters.
+
+Adapters are named. The model holds one ``ARCShared`` per name and every site wrapper one ``ARCAdapter`` per
+name, under ``arc`` / ``adapter`` for the default name (so that a single adapter keeps arcvit 0.1's parameter
+names) and ``arc_<name>`` / ``adapter_<name>`` for the others. One ``ARCState``, shared by reference, says
+which name is active or, for a batch whose items belong to different tasks, which adapter each item gets.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from arcvit.core.config import ARCConfig
+
+DEFAULT_NAME = "default"
+
+
+def slot(prefix: str, name: str) -> str:
+    """The attribute holding adapter ``name``: ``prefix`` itself for the default name."""
+    return prefix if name == DEFAULT_NAME else f"{prefix}_{name}"
+
+
+def slot_name(prefix: str, attr: str) -> str | None:
+    """The adapter name an attribute holds, or None if it is not one of ``prefix``'s slots."""
+    if attr == prefix:
+        return DEFAULT_NAME
+    return attr[len(prefix) + 1:] if attr.startswith(prefix + "_") else None
+
+
+class ARCShared(nn.Module):
+    """Shared down-projections, one per stage and position: ``att[stage]`` and ``mlp[stage]``, each d x r."""
+
+    def __init__(self, stage_dims: list[int], config: ARCConfig, state: "ARCState") -> None:
+        super().__init__()
+        self.config = config
+        object.__setattr__(self, "state", state)  # shared with every site wrapper, outside the module tree
+        rank, positions = config.rank, config.positions
+        self.att = nn.ParameterList([nn.Parameter(torch.empty(d, rank)) for d in stage_dims])
+        self.mlp = nn.ParameterList(
+            [nn.Parameter(torch.empty(d, rank)) for d in stage_dims] if "mlp" in positions else [])
+        for p in self.parameters():
+            nn.init.xavier_uniform_(p)
+
+    def down(self, position: str, stage: int) -> nn.Parameter:
+        return getattr(self, position)[stage]
+
+
+class ARCAdapter(nn.Module):
+    """Per-site rescale vector c and bias b; reads its D from the model's ``ARCShared``.
+
+    The reference to ``ARCShared`` is kept outside the module tree so that D is registered (and saved,
+    counted, synchronised) exactly once, under the model's ``arc`` (or ``arc_<name>``).
+    """
+
+    def __init__(self, shared: ARCShared, position: str, stage: int, dim: int) -> None:
+        super().__init__()
+        object.__setattr__(self, "_shared", shared)
+        config = shared.config
+        rank = config.rank
+        self.position, self.stage = position, stage
+        self.lowrank = config.impl == "lowrank"  # used where the adapter sits in front of a single Linear
+        self.scale = nn.Parameter(torch.zeros(rank))
+        if position == "mlp":  # the paper: xavier-uniform on a 1 x r matrix at the MLP, zeros at attention
+            nn.init.xavier_uniform_(self.scale.view(1, rank))
+        self.bias = nn.Parameter(torch.zeros(dim)) if config.bias else None
+        self.dropout = nn.Dropout(config.dropout)
+
+    @property
+    def down_proj(self) -> nn.Parameter:
+        return self._shared.down(self.position, self.stage)
+
+    def project(self, x: torch.Tensor) -> torch.Tensor:
+        """dropout(x @ (D * c)): the r-wide code of each token."""
+        return self.dropout(x @ (self.down_proj * self.scale))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x + self.project(x) @ self.down_proj.t()
+        return h + self.bias if self.bias is not None else h
+
+    @torch.no_grad()
+    def fold(self, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """For a Linear ``W`` reading the adapted input: ``W (I + D diag(c) D^T)`` and ``W b``."""
+        d = self.down_proj.to(weight.dtype)
+        folded = weight + (weight @ d) * self.scale.to(weight.dtype) @ d.t()
+        shift = weight @ self.bias.to(weight.dtype) if self.bias is not None else None
+        return folded, shift
+
+    def extra_repr(self) -> str:
+        return f"position={self.position}, stage={self.stage}, rank={self.scale.numel()}"
+
+
+class Route:
+    """Which adapter each item of a mixed batch gets: ``groups`` pairs each adapter name with its item indices."""
+
+    def __init__(self, names: list[str], device: torch.device) -> None:
+        self.size = len(names)
+        order = list(dict.fromkeys(names))
+        ids = torch.tensor([order.index(n) for n in names], device=device)
+        self.groups = [(name, (ids == i).nonzero().flatten()) for i, name in enumerate(order)]
+
+    def items(self, leading: int) -> list[tuple[str, torch.Tensor]]:
+        """The groups for a tensor whose leading dimension is ``leading``: a whole multiple of the batch, with
+        each item's rows contiguous (Swin's windows are partitioned item by item)."""
+        if leading == self.size:
+            return self.groups
+        if leading % self.size:
+            raise RuntimeError(f"cannot route a leading dimension of {leading} over a batch of {self.size}")
+        per = leading // self.size
+        offsets = torch.arange(per, device=self.groups[0][1].device)
+        return [(name, (idx[:, None] * per + offsets).flatten()) for name, idx in self.groups]
+
+
+class ARCState:
+    """Which named adapter the sites apply: the active one, or per item of the batch while a route is set."""
+
+    def __init__(self) -> None:
+        self.active: str | None = None
+        self.route: Route | None = None
+
+
+class ARCSite(nn.Module):
+    """A model's own module with the named adapters of one site in front of its input (``inner``)."""
+
+    is_arc_site = True
+
+    def __init__(self, inner: nn.Module, state: ARCState, position: str) -> None:
+        super().__init__()
+        self.inner, self.position = inner, position
+        object.__setattr__(self, "state", state)
+
+    @property
+    def adapters(self) -> dict[str, ARCAdapter]:
+        """This site's adapters by name."""
+        return {slot_name("adapter", attr): m for attr, m in self._modules.items() if isinstance(m, ARCAdapter)}
+
+    def get(self, name: str) -> ARCAdapter | None:
+        return self._modules.get(slot("adapter", name))
+
+    def current(self) -> ARCAdapter | None:
+        """The active adapter at this site (None where the active one does not adapt it, or during a route)."""
+        return None if self.state.route is not None else self.get(self.state.active)
+
+    def adapt(self, x: torch.Tensor) -> torch.Tensor:
+        route = self.state.route
+        if route is None:
+            adapter = self.current()
+            return adapter(x) if adapter is not None else x
+        out = torch.empty_like(x)
+        for name, idx in route.items(x.shape[0]):
+            part, adapter = x.index_select(0, idx), self.get(name)
+            out.index_copy_(0, idx, adapter(part) if adapter is not None else part)
+        return out
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:  # code around the model reads the wrapped module's attributes (qkv.bias, attn.fused_attn)
+            return getattr(super().__getattr__("inner"), name)
+
+    def extra_repr(self) -> str:
+        return f"position={self.position}"
+
+
+class ARCLinear(ARCSite):
+    """A frozen Linear preceded by its site's adapters, where that Linear is the only reader of x."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        adapter = self.current()
+        if adapter is None or not adapter.lowrank:
+            return self.inner(self.adapt(x))
+        w, bias = self.inner.weight, self.inner.bias
+        if adapter.bias is not None:
+            shift = w @ adapter.bias
+            bias = shift if bias is None else bias + shift
+        return F.linear(x, w, bias) + adapter.project(x) @ (w @ adapter.down_proj).t()
+
+
+class ARCInput(ARCSite):
+    """Any module (attention, MLP) whose first input is adapted first, for sites with several readers of x."""
+
+    def forward(self, x: torch.Tensor, *args, **kwargs):
+        return self.inner(self.adapt(x), *args, **kwargs)

@@ -1,0 +1,179 @@
+"""The fine-tuning methods ARC is benchmarked against, each selectable by name on the same backbone.
+
+A fair comparison changes only what a method trains: every method starts from the same frozen backbone and
+the same classifier head, zeroed and trainable (the ARC paper's protocol). Each ``MethodSpec`` carries its
+own behaviour: how it prepares a model for training and how the trained model merges into a plain one.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn as nn
+
+from arcvit.core.arc import apply_arc, classifier, is_adapted
+from arcvit.core.arc import merge as merge_arc
+from arcvit.core.config import ARCConfig
+from arcvit.errors import ConfigError, ModelError
+from arcvit.methods.adaptformer import add_adaptformer, has_adaptformer
+from arcvit.methods.peft import is_peft_model, merge_peft, wrap_peft
+
+DEFAULT_TARGETS = ("qkv", "fc1")
+Prepare = Callable[[nn.Module, "Options"], nn.Module]
+
+
+@dataclass(frozen=True)
+class Options:
+    """What ``prepare_model`` hands a method: its rank, dropout, PEFT targets and the head's module name."""
+
+    method: str
+    rank: int | None
+    dropout: float | None
+    targets: tuple[str, ...]
+    head: str
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """One method: how help text and reports show it, how it prepares a model, how the result merges.
+
+    mergeable: the trained model folds into the plain model, so inference costs nothing extra.
+    default_rank / default_dropout: what ``prepare_model`` uses when given None; both None for methods
+    that have neither (linear, full, bitfit). "Rank" is ARC's and LoRA's r, VeRA's r, AdaptFormer's bottleneck.
+    """
+
+    name: str
+    mergeable: bool
+    description: str
+    prepare: Prepare
+    merge: Callable[[nn.Module], nn.Module] | None = None
+    default_rank: int | None = None
+    default_dropout: float | None = None
+
+
+def _zero_head(model: nn.Module, head: str) -> nn.Module:
+    module = model.get_submodule(head)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.zero_()
+    return module
+
+
+def _prepare_arc(model: nn.Module, o: Options) -> nn.Module:
+    return apply_arc(model, ARCConfig(rank=o.rank, mode=o.method, dropout=o.dropout, zero_head=True))
+
+
+def _prepare_peft(model: nn.Module, o: Options) -> nn.Module:
+    _zero_head(model, o.head)
+    return wrap_peft(model, o.method, o.rank, o.dropout, o.targets, o.head)
+
+
+def _train_only(select: Callable[[str], bool], add: Callable[[nn.Module, Options], None] | None = None) -> Prepare:
+    """A method that trains the parameters whose names ``select`` picks (and the head), after ``add``."""
+    def prepare(model: nn.Module, o: Options) -> nn.Module:
+        head = _zero_head(model, o.head)
+        for name, p in model.named_parameters():
+            p.requires_grad_(select(name))
+        if add is not None:
+            add(model, o)
+        for p in head.parameters():
+            p.requires_grad_(True)
+        return model
+    return prepare
+
+
+def _copy(model: nn.Module) -> nn.Module:
+    return copy.deepcopy(model)
+
+
+SPECS: dict[str, MethodSpec] = {spec.name: spec for spec in (
+    MethodSpec("arc", True, "ARC: shared low-rank adapters on every attention and MLP input, + head",
+               _prepare_arc, merge_arc, ARCConfig.rank, ARCConfig.dropout),
+    MethodSpec("arc_att", True, "ARC on the attention inputs only, + head", _prepare_arc, merge_arc,
+               ARCConfig.rank, ARCConfig.dropout),
+    MethodSpec("linear", True, "linear probing: the head only", _train_only(lambda n: False), _copy),
+    MethodSpec("full", True, "full fine-tuning: every parameter", _train_only(lambda n: True), _copy),
+    MethodSpec("bitfit", True, "BitFit: every bias term, + head",
+               _train_only(lambda n: n.rsplit(".", 1)[-1].endswith("bias")), _copy),
+    MethodSpec("lora", True, "LoRA (HF PEFT) on the target Linear layers, alpha = r, + head", _prepare_peft,
+               lambda m: merge_peft(m, "lora"), 8, 0.0),
+    MethodSpec("vera", True, "VeRA (HF PEFT): frozen shared random projections, trained scaling vectors, + head",
+               _prepare_peft, lambda m: merge_peft(m, "vera"), 256, 0.0),
+    MethodSpec("adaptformer", False, "AdaptFormer: parallel ReLU bottleneck adapter on every MLP, + head",
+               _train_only(lambda n: False, lambda m, o: add_adaptformer(m, o.rank, o.dropout)), None, 8, 0.1),
+)}
+METHODS: tuple[str, ...] = tuple(SPECS)
+
+
+def method_spec(method: str) -> MethodSpec:
+    if method not in SPECS:
+        raise ConfigError(f"unknown method {method!r}; choose one of: {', '.join(METHODS)}")
+    return SPECS[method]
+
+
+def _has_adapters(model: nn.Module) -> bool:
+    return is_peft_model(model) or is_adapted(model) or has_adaptformer(model)
+
+
+def _head_name(model: nn.Module) -> str:
+    head = classifier(model)
+    if head is None:
+        raise ModelError(f"{type(model).__name__} has no classifier head to train; create it with num_classes > 0")
+    return next(name for name, module in model.named_modules() if module is head)
+
+
+def _check_options(spec: MethodSpec, rank: int | None, dropout: float | None) -> None:
+    if spec.default_rank is None:
+        if rank is not None or dropout is not None:
+            raise ConfigError(f"{spec.name} has no rank or dropout to set")
+        return
+    if rank is not None and (not isinstance(rank, int) or isinstance(rank, bool) or rank < 1):
+        raise ConfigError(f"rank must be a positive integer, got {rank!r}")
+    if dropout is not None and not 0.0 <= float(dropout) < 1.0:
+        raise ConfigError(f"dropout must be in [0, 1), got {dropout!r}")
+
+
+def prepare_model(model: nn.Module, method: str, *, rank: int | None = None, dropout: float | None = None,
+                  targets: tuple[str, ...] = DEFAULT_TARGETS) -> nn.Module:
+    """Set a model up to be fine-tuned with ``method`` and return the module to train.
+
+    ``model`` is changed in place; for LoRA and VeRA the module returned is PEFT's wrapper around it. Every
+    method zeroes the classifier head and trains it. ``rank`` and ``dropout`` default to the method's own
+    (``SPECS[method]``); ``targets`` names the Linear layers LoRA and VeRA adapt (module-name suffixes).
+    """
+    spec = method_spec(method)
+    _check_options(spec, rank, dropout)
+    if _has_adapters(model):
+        raise ModelError(f"{type(model).__name__} already carries adapters; prepare a fresh backbone")
+    options = Options(method, spec.default_rank if rank is None else rank,
+                      spec.default_dropout if dropout is None else dropout, tuple(targets), _head_name(model))
+    return spec.prepare(model, options)
+
+
+def merge_for_inference(model: nn.Module, method: str) -> nn.Module:
+    """A plain model, with no extra module or cost, that computes what the trained ``model`` computes.
+
+    ``model`` is what ``prepare_model(..., method)`` returned; it is left untouched and usable. The result has
+    the backbone's class and state-dict keys, every parameter trainable, as a freshly created model.
+    """
+    spec = method_spec(method)
+    if not spec.mergeable:
+        raise ConfigError(f"{method} is not mergeable: its adapter stays in the model at inference")
+    if spec.merge is _copy and _has_adapters(model):
+        raise ModelError(f"{type(model).__name__} carries adapters that {method} does not add; "
+                         "pass the method the model was prepared with")
+    merged = spec.merge(model)
+    for p in merged.parameters():
+        p.requires_grad_(True)
+    return merged
+
+
+def trainable_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Copies of the tensors the method trains, named as in ``model``.
+
+    Loading them with ``load_state_dict(..., strict=False)`` into the same backbone prepared the same way
+    restores the trained model (VeRA's frozen projections are regenerated by PEFT from its fixed seed).
+    """
+    return {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}

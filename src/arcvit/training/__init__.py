@@ -1,0 +1,1 @@
+"""Training and evaluation with Lightning Fabric: settings, the loop, checkpoints, recipes, progress."""
