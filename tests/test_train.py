@@ -276,3 +276,22 @@ def test_tuner_hooks_see_each_final_row_and_skip_the_test_split(tmp_path, digits
     assert results["test_top1"] is None and results["test_images"] is None
     assert json.loads((tmp_path / "run" / "results.json").read_text())["test_top1"] is None
     assert (tmp_path / "run" / "adapter" / "adapter.safetensors").is_file()
+
+
+@pytest.mark.parametrize("key", [0, "blocks.0.attn.qkv.adapters.default.scale"])  # DDP's ids, FSDP's names
+def test_checkpoint_format_round_trips_what_fabric_hands_it(key, tmp_path):
+    from arcvit.training.checkpoint import SafeCheckpointIO
+    state = {"model": {"head.weight": torch.randn(3, 4)},
+             "optimizer": {"state": {key: {"step": torch.tensor(5.0), "exp_avg": torch.randn(3, 4), "flag": 1}},
+                           "param_groups": [{"lr": 0.1, "params": [key]}]},
+             "scheduler": {"last_epoch": 5}, "loop": {"epoch": 2, "metrics": [{"epoch": 1}], "rng/torch": torch.ones(3)}}
+    io = SafeCheckpointIO(keep=1)
+    io.save_checkpoint(state, tmp_path / "epoch-0001.safetensors")
+    io.save_checkpoint(state, tmp_path / "epoch-0002.safetensors")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["epoch-0002.json", "epoch-0002.safetensors"]
+    back = io.load_checkpoint(tmp_path / "epoch-0002.safetensors")
+    assert back["scheduler"] == state["scheduler"] and back["optimizer"]["param_groups"] == [{"lr": 0.1, "params": [key]}]
+    slots = back["optimizer"]["state"][key]
+    assert slots["flag"] == 1 and torch.equal(slots["exp_avg"], state["optimizer"]["state"][key]["exp_avg"])
+    assert torch.equal(back["model"]["head.weight"], state["model"]["head.weight"])
+    assert back["loop"]["epoch"] == 2 and torch.equal(back["loop"]["rng/torch"], torch.ones(3))

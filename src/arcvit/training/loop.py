@@ -97,7 +97,7 @@ def _strategy(cfg: TrainConfig, model: nn.Module):
     from lightning_fabric.strategies import FSDPStrategy
 
     blocks = {type(m) for _, m, _ in find_blocks(model)}
-    return FSDPStrategy(auto_wrap_policy=blocks, use_orig_params=True,
+    return FSDPStrategy(auto_wrap_policy=blocks, use_orig_params=True, state_dict_type="full",  # gathered checkpoints
                         activation_checkpointing_policy=blocks if cfg.grad_checkpointing else None)
 
 
@@ -176,7 +176,7 @@ def train(backbone: str, data: DataSpec, cfg: TrainConfig, out_dir: str | Path, 
 
     ``on_epoch_end(epoch, row)`` is called on every process once the epoch's metrics row is final and its
     checkpoint saved; what it raises ends training and propagates (a tuner prunes trials this way). With
-    ``evaluate_test=False`` the test split is never opened and ``test_top1`` is None.
+    ``evaluate_test=False`` the test split is never opened; ``test_top1`` and ``test_images`` are None.
     """
     out = Path(out_dir)
     with run_lock(out):

@@ -40,6 +40,7 @@ def run_lock(out: Path) -> Iterator[None]:
     if fcntl is None or not _launching_rank_zero():
         yield
         return
+    created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
     fd = os.open(out, os.O_RDONLY)  # the folder itself: locking it leaves no file behind
     try:
@@ -49,6 +50,10 @@ def run_lock(out: Path) -> Iterator[None]:
             raise ConfigError(f"{out}: another arcvit process is training into this run folder; wait for it "
                               "to finish, or choose another --out") from None
         yield
+    except BaseException:
+        if created and not any(out.iterdir()):  # a run refused before it wrote anything leaves no folder
+            out.rmdir()
+        raise
     finally:
         os.close(fd)  # releases the lock
 
