@@ -22,3 +22,8 @@ class AdapterFileError(ArcvitError):
 
 class ConfigError(ArcvitError):
     """A setting has an invalid value."""
+
+
+class TrainingDiverged(ArcvitError):
+    """The loss or the gradients stopped being finite numbers: the settings (usually the learning rate) do not
+    train this model."""

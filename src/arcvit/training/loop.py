@@ -3,7 +3,13 @@
 A run folder holds ``settings.json`` (every setting, seed, protocol, data fingerprints, versions),
 ``metrics.csv`` (one row per epoch), ``checkpoints/`` (atomic, checksummed; ``resume=True`` continues from the
 newest good one), ``results.json`` (written last: its presence means the run finished), and the trained
-weights (``adapter/`` for ARC, ``trainable.safetensors`` for the other methods).
+weights (``adapter/`` for ARC, ``trainable.safetensors`` for the other methods). While a run trains, its folder
+is locked: a second ``train`` into it stops at once (``arcvit.training.runfolder``). A loss or gradient norm that stops
+being finite ends the run with :class:`~arcvit.errors.TrainingDiverged`; earlier checkpoints stay. settings.json
+records the precision Fabric actually runs (on CPU it runs ``16-mixed`` as ``bf16-mixed``, and says so).
+
+The loop follows Lightning Fabric's own trainer example: :func:`train` orchestrates set-up, one function per
+epoch, evaluation, checkpoints and results, over one :class:`LoopState` that saves and restores itself.
 
 Protocols, so that no number is ever chosen by test accuracy:
 - ``final`` (VTAB-1k's): train on train800val200 (FGVC: train+val), report test after the last epoch.
@@ -12,16 +18,13 @@ Protocols, so that no number is ever chosen by test accuracy:
 """
 from __future__ import annotations
 
-import csv
-import io
-import json
 import math
 import platform
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import timm
 import torch
@@ -39,13 +42,14 @@ from arcvit.core.params import parameter_breakdown
 from arcvit.core.sites import find_blocks
 from arcvit.data.layouts import detect_layout, load_split
 from arcvit.data.transforms import build_transform
-from arcvit.errors import ConfigError
-from arcvit.fileio import write_json, write_safetensors, write_text
+from arcvit.errors import ConfigError, TrainingDiverged
+from arcvit.fileio import sha256_file, write_json, write_safetensors
 from arcvit.methods import SPECS, prepare_model, trainable_state_dict
-from arcvit.training.checkpoint import (load_latest_checkpoint, optimizer_from_tensors, optimizer_to_tensors,
-                                       save_checkpoint)
-from arcvit.training.config import PROTOCOL_SPLITS, RUNTIME_FIELDS, DataSpec, TrainConfig
+from arcvit.training.checkpoint import (LOOP, MODEL, OPTIMIZER, SCHEDULER, SafeCheckpointIO, fabric_load, fabric_save,
+                                       load_latest_checkpoint)
+from arcvit.training.config import PROTOCOL_SPLITS, DataSpec, TrainConfig
 from arcvit.training.progress import EpochProgress
+from arcvit.training.runfolder import check_resumable, refuse_to_overwrite, run_lock, write_metrics
 
 class _Shard(torch.utils.data.Sampler):
     """Every ``world``-th index from ``rank``, with no padding, so that distributed evaluation counts each
@@ -93,7 +97,7 @@ def _strategy(cfg: TrainConfig, model: nn.Module):
     from lightning_fabric.strategies import FSDPStrategy
 
     blocks = {type(m) for _, m, _ in find_blocks(model)}
-    return FSDPStrategy(auto_wrap_policy=blocks, use_orig_params=True,
+    return FSDPStrategy(auto_wrap_policy=blocks, use_orig_params=True, state_dict_type="full",  # gathered checkpoints
                         activation_checkpointing_policy=blocks if cfg.grad_checkpointing else None)
 
 
@@ -106,203 +110,289 @@ def _loggers(out: Path) -> list:
         return []
 
 
-def _write_metrics(path: Path, rows: list[dict[str, Any]]) -> None:
-    buf = io.StringIO()
-    if rows:
-        writer = csv.DictWriter(buf, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    write_text(path, buf.getvalue())
+@dataclass
+class LoopState:
+    """Everything the loop carries from one epoch to the next. It is the ``loop`` entry of every checkpoint:
+    Fabric calls ``state_dict`` when saving and ``load_state_dict`` when resuming."""
+
+    epoch: int = 0  # epochs finished
+    metrics: list[dict[str, Any]] = field(default_factory=list)  # one row per finished epoch
+    best_val: float = -1.0  # protocol "select": the best validation accuracy so far, its epoch and weights
+    best_epoch: int = 0
+    best_weights: dict[str, torch.Tensor] | None = None
+    elapsed_s: float = 0.0  # training time over every process that worked on this run
+    clock: float = field(default_factory=time.time, repr=False)
+
+    def tick(self) -> None:
+        now = time.time()
+        self.elapsed_s, self.clock = self.elapsed_s + now - self.clock, now
+
+    def state_dict(self) -> dict[str, Any]:
+        best = {f"best/{n}": t for n, t in (self.best_weights or {}).items()}
+        return {"epoch": self.epoch, "metrics": self.metrics, "elapsed_s": self.elapsed_s,
+                "best": {"val_top1": self.best_val, "epoch": self.best_epoch},
+                "rng/torch": torch.get_rng_state()} | best
+
+    def load_state_dict(self, sd: dict[str, Any]) -> None:
+        self.epoch, self.metrics, self.elapsed_s = int(sd["epoch"]), sd["metrics"], sd["elapsed_s"]
+        self.best_val, self.best_epoch = sd["best"]["val_top1"], sd["best"]["epoch"]
+        self.best_weights = {k[len("best/"):]: v for k, v in sd.items() if k.startswith("best/")} or None
+        torch.set_rng_state(sd["rng/torch"])
+        self.clock = time.time()
 
 
-def _prepare_output(out: Path, resume: bool) -> None:
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"{out}: exists and is not a folder; --out names the run folder")
-    if (out / "results.json").exists() and not resume:
-        raise ConfigError(f"{out}: this run has finished already (results.json); choose another --out")
-    if (out / "checkpoints").exists() and not resume:
-        raise ConfigError(f"{out}: holds checkpoints of an earlier run; pass --resume to continue it, "
-                          "or choose another --out")
+@dataclass
+class _Run:
+    """What set-up builds and every later stage uses."""
 
+    cfg: TrainConfig
+    out: Path
+    fabric: Fabric
+    model: nn.Module  # as Fabric wrapped it
+    raw: nn.Module  # the model itself
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    sampler: DistributedSampler
+    loader: DataLoader
+    splits: dict[str, Dataset]
+    steps: int  # optimizer steps per epoch
+    names: set[str]  # the trainable parameters
 
+    @property
+    def checkpoint_dir(self) -> Path:
+        return self.out / "checkpoints"
 
-
-def _check_resumable(out: Path, cfg: TrainConfig) -> None:
-    """A resumed run must continue with the settings it started with (devices and workers may change)."""
-    try:
-        before = json.loads((out / "settings.json").read_text())["train"]
-    except (OSError, ValueError, KeyError):
-        return
-    now = asdict(cfg)
-    changed = [f"{k}: {before.get(k)!r} -> {now[k]!r}" for k in now
-               if k not in RUNTIME_FIELDS and k in before and before[k] != now[k]]
-    if changed:
-        raise ConfigError(f"{out}: --resume with other settings than the run started with ({'; '.join(changed)})")
+    def objects(self, state: LoopState) -> dict[str, Any]:
+        """What a checkpoint holds, in the form ``fabric.save`` / ``fabric.load`` take."""
+        return {MODEL: self.model, OPTIMIZER: self.optimizer, SCHEDULER: self.scheduler, LOOP: state}
 
 
 def train(backbone: str, data: DataSpec, cfg: TrainConfig, out_dir: str | Path, *,
           checkpoint: str | Path | None = None, pretrained: bool = True, resume: bool = False,
-          progress: bool = True,
-          max_steps_per_epoch: int | None = None) -> dict[str, Any]:
-    """Train ``cfg.method`` on one task and return the results (also written to ``out_dir``)."""
+          progress: bool = True, max_steps_per_epoch: int | None = None,
+          on_epoch_end: Callable[[int, dict[str, Any]], None] | None = None,
+          evaluate_test: bool = True) -> dict[str, Any]:
+    """Train ``cfg.method`` on one task and return the results (also written to ``out_dir``).
+
+    ``on_epoch_end(epoch, row)`` is called on every process once the epoch's metrics row is final and its
+    checkpoint saved; what it raises ends training and propagates (a tuner prunes trials this way). With
+    ``evaluate_test=False`` the test split is never opened; ``test_top1`` and ``test_images`` are None.
+    """
     out = Path(out_dir)
-    _prepare_output(out, resume)
-    if resume:
-        _check_resumable(out, cfg)
-    if resume and (out / "results.json").exists():
-        return json.loads((out / "results.json").read_text())
+    with run_lock(out):
+        finished = refuse_to_overwrite(out, resume)
+        if finished is not None:
+            return finished
+        model, splits, settings = _load(backbone, data, cfg, checkpoint, pretrained, evaluate_test)
+        if resume:
+            check_resumable(out, settings)
+        run = _set_up(model, splits, cfg, out, max_steps_per_epoch)
+        state = _restore(run) if resume else LoopState()
+        _write_settings(run, settings)
+        bar = EpochProgress(enabled=progress and run.fabric.is_global_zero, total_epochs=cfg.epochs)
+        for epoch in range(state.epoch + 1, cfg.epochs + 1):
+            row = _train_epoch(run, epoch, bar)
+            _end_epoch(run, state, row, bar)
+            if on_epoch_end is not None:
+                on_epoch_end(epoch, row)
+        return _finish(run, state, settings)
 
+
+def _load(backbone: str, data: DataSpec, cfg: TrainConfig, checkpoint: str | Path | None, pretrained: bool,
+          evaluate_test: bool) -> tuple[nn.Module, dict[str, Dataset], dict[str, Any]]:
+    """The model with its head and method in place, the splits, and the settings that identify the run."""
     layout = detect_layout(data.root, data.task) if data.layout == "auto" else data.layout
-    train_split, val_split, test_split = PROTOCOL_SPLITS[layout][cfg.protocol]
-
+    roles = dict(zip(("train", "val", "test"), PROTOCOL_SPLITS[layout][cfg.protocol]))
+    if not evaluate_test:
+        roles["test"] = None
     seed_everything(cfg.seed, verbose=False)  # before any weight is initialised: adapters, heads
     model = create_backbone(backbone, num_classes=1, checkpoint=checkpoint, pretrained=pretrained,
                             drop_path_rate=cfg.drop_path)  # head resized below
-    splits = {}
-    for role, split in (("train", train_split), ("val", val_split), ("test", test_split)):
-        if split is not None:
-            transform = build_transform(model, recipe=cfg.recipe, train=role == "train", layout=layout)
-            splits[role] = load_split(data.root, data.task, split, transform, layout=layout,
-                                      skip_corrupt=data.skip_corrupt)
-    num_classes = splits["train"].num_classes
-    model.reset_classifier(num_classes)
+    splits = {role: load_split(data.root, data.task, split, layout=layout, skip_corrupt=data.skip_corrupt,
+                               transform=build_transform(model, recipe=cfg.recipe, train=role == "train",
+                                                         layout=layout))
+              for role, split in roles.items() if split is not None}
+    model.reset_classifier(splits["train"].num_classes)
     model = prepare_model(model, cfg.method, rank=cfg.rank, dropout=cfg.adapter_dropout)
     if cfg.grad_checkpointing and hasattr(model, "set_grad_checkpointing"):
         model.set_grad_checkpointing(True)
+    weights = Path(checkpoint) if checkpoint else None
+    settings = {
+        "backbone": backbone, "checkpoint": str(checkpoint) if checkpoint else None,
+        "checkpoint_sha256": sha256_file(weights) if weights and weights.is_file() else None,
+        "pretrained": pretrained,
+        "data": asdict(data) | {"layout": layout, "splits": {r: s for r, s in roles.items() if s}},
+        "data_fingerprints": {role: ds.fingerprint() for role, ds in splits.items()},
+        "train": asdict(cfg), "num_classes": splits["train"].num_classes,
+        "versions": {"arcvit": __version__, "torch": torch.__version__, "timm": timm.__version__,
+                     "python": platform.python_version()},
+        "skipped_images": {role: [str(p) for p, _ in getattr(ds, "skipped", [])] for role, ds in splits.items()},
+    }
+    return model, splits, settings
 
+
+def _make_fabric(cfg: TrainConfig, model: nn.Module, out: Path) -> Fabric:
+    plugins = [] if cfg.strategy == "fsdp" else [SafeCheckpointIO()]  # FSDP takes no CheckpointIO plugin
     try:
-        fabric = Fabric(accelerator=cfg.accelerator, devices=cfg.devices, num_nodes=cfg.num_nodes,
-                        strategy=_strategy(cfg, model), precision=cfg.precision, loggers=_loggers(out))
+        return Fabric(accelerator=cfg.accelerator, devices=cfg.devices, num_nodes=cfg.num_nodes,
+                      strategy=_strategy(cfg, model), precision=cfg.precision, plugins=plugins,
+                      loggers=_loggers(out))
     except (ValueError, TypeError) as e:  # Fabric validates accelerator, strategy, precision, devices
         raise ConfigError(f"accelerator/strategy/precision/devices: {str(e).splitlines()[0]}") from None
+
+
+def _set_up(model: nn.Module, splits: dict[str, Dataset], cfg: TrainConfig, out: Path,
+            max_steps_per_epoch: int | None) -> _Run:
+    """Fabric (launching the other processes), optimizer, training loader and learning-rate schedule."""
+    fabric = _make_fabric(cfg, model, out)
     fabric.launch()
     if cfg.batch_size % fabric.world_size:
         raise ConfigError(f"batch_size {cfg.batch_size} must divide evenly over {fabric.world_size} processes")
     if cfg.batch_size > len(splits["train"]):
         raise ConfigError(f"batch_size {cfg.batch_size} is larger than the training split "
                           f"({len(splits['train'])} images)")
-
-    raw_model = model
-    trainable = [p for p in raw_model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    model, optimizer = fabric.setup(model, optimizer)
+    names = {n for n, p in model.named_parameters() if p.requires_grad}
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
+                                  weight_decay=cfg.weight_decay)
+    wrapped, optimizer = fabric.setup(model, optimizer)
     sampler = DistributedSampler(splits["train"], num_replicas=fabric.world_size, rank=fabric.global_rank,
                                  shuffle=True, seed=cfg.seed, drop_last=False)
     loader = DataLoader(splits["train"], batch_size=cfg.batch_size // fabric.world_size, sampler=sampler,
                         num_workers=cfg.num_workers, drop_last=False)
-    steps_per_epoch = min(len(loader), max_steps_per_epoch or len(loader))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(cfg, steps_per_epoch))
+    steps = min(len(loader), max_steps_per_epoch or len(loader))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(cfg, steps))
+    return _Run(cfg, out, fabric, wrapped, model, optimizer, scheduler, sampler, loader, splits, steps, names)
 
-    names = [n for n, p in raw_model.named_parameters() if p.requires_grad]
-    params = dict(raw_model.named_parameters())
-    metrics: list[dict[str, Any]] = []
-    best = {"val_top1": -1.0, "epoch": 0, "state": None}
-    start_epoch, elapsed_before = 0, 0.0
-    ckpt_dir = out / "checkpoints"
-    if resume:
-        ckpt = load_latest_checkpoint(ckpt_dir)
-        for note in (ckpt.skipped if ckpt else []):
-            fabric.print(f"warning: skipped checkpoint {note}", file=sys.stderr)
-        if ckpt is not None and ckpt.tensors:
-            with torch.no_grad():
-                for n in names:
-                    params[n].copy_(ckpt.tensors[f"param/{n}"])
-            optimizer_from_tensors(optimizer, ckpt.tensors, ckpt.state["optimizer"])
-            scheduler.load_state_dict(ckpt.state["scheduler"])
-            torch.set_rng_state(ckpt.tensors["rng/torch"])
-            metrics, start_epoch = ckpt.state["metrics"], ckpt.epoch
-            elapsed_before = ckpt.state["elapsed_s"]
-            best.update(ckpt.state["best"])
-            if best["epoch"]:
-                best["state"] = {n: ckpt.tensors[f"best/{n}"] for n in names}
-            fabric.print(f"resumed from {ckpt_dir} at epoch {start_epoch}", file=sys.stderr)
 
-    settings = {
-        "backbone": backbone, "checkpoint": str(checkpoint) if checkpoint else None, "pretrained": pretrained,
-        "data": asdict(data) | {"layout": layout, "splits": {r: s for r, s in zip(
-            ("train", "val", "test"), (train_split, val_split, test_split)) if s}},
-        "data_fingerprints": {role: ds.fingerprint() for role, ds in splits.items()},
-        "train": asdict(cfg), "num_classes": num_classes, "world_size": fabric.world_size,
-        "versions": {"arcvit": __version__, "torch": torch.__version__, "timm": timm.__version__,
-                     "python": platform.python_version()},
-        "skipped_images": {role: [str(p) for p, _ in getattr(ds, "skipped", [])] for role, ds in splits.items()},
-    }
+def _restore(run: _Run) -> LoopState:
+    """The state of the newest checkpoint that verifies (reporting the ones skipped), loaded into the model,
+    optimizer and scheduler; a fresh state if there is none."""
+    objects = run.objects(LoopState())
+    found = load_latest_checkpoint(run.checkpoint_dir)
+    for note in (found.skipped if found else []):
+        run.fabric.print(f"warning: skipped checkpoint {note}", file=sys.stderr)
+    if found is not None and found.path is not None:
+        fabric_load(run.fabric, found.path, objects)  # Fabric restores a copy of a dataclass, handed back here
+        run.fabric.print(f"resumed from {run.checkpoint_dir} at epoch {objects[LOOP].epoch}", file=sys.stderr)
+    return objects[LOOP]
+
+
+def _write_settings(run: _Run, settings: dict[str, Any]) -> None:
+    """settings.json, with what Fabric actually runs: the process count and the precision (on CPU, Fabric
+    runs ``16-mixed`` as ``bf16-mixed``: the run says so rather than record a precision it did not use)."""
+    used = run.fabric.strategy.precision.precision
+    if used != run.cfg.precision:
+        run.fabric.print(f"warning: precision {run.cfg.precision} is not available on "
+                         f"{run.fabric.device.type}; training runs {used} (recorded in settings.json)",
+                         file=sys.stderr)
+    settings |= {"world_size": run.fabric.world_size, "precision": used}
+    if run.fabric.is_global_zero:
+        write_json(run.out / "settings.json", settings)
+
+
+def _train_epoch(run: _Run, epoch: int, bar: EpochProgress) -> dict[str, Any]:
+    """One pass over the training split (at most ``run.steps`` batches); returns the epoch's metrics row."""
+    fabric = run.fabric
+    run.model.train()
+    run.sampler.set_epoch(epoch - 1)
+    started, seen, loss_sum, correct = time.time(), 0, 0.0, 0
+    with bar.epoch(epoch, run.steps) as step_bar:
+        for step, (images, labels) in enumerate(run.loader, start=1):
+            if step > run.steps:
+                break
+            loss, hits = _step(run, images.to(fabric.device), labels.to(fabric.device), f"epoch {epoch}, step {step}")
+            seen += labels.numel()
+            loss_sum += loss * labels.numel()
+            correct += hits
+            step_bar.update(loss=loss_sum / seen, acc=correct / seen,
+                            ips=seen * fabric.world_size / (time.time() - started))
+    totals = fabric.all_reduce(torch.tensor([loss_sum, correct, seen], dtype=torch.float64, device=fabric.device),
+                               reduce_op="sum")
+    return {"epoch": epoch, "lr": run.scheduler.get_last_lr()[0],
+            "train_loss": round(totals[0].item() / totals[2].item(), 6),
+            "train_top1": round(totals[1].item() / totals[2].item(), 6),
+            "images_per_s": round(totals[2].item() / (time.time() - started), 1)}
+
+
+def _step(run: _Run, images: torch.Tensor, labels: torch.Tensor, where: str) -> tuple[float, int]:
+    """One optimizer step; returns the batch's loss and correct count."""
+    logits = run.model(images)
+    loss = F.cross_entropy(logits, labels, label_smoothing=run.cfg.label_smoothing)
+    _stop_unless_finite(run, loss, "the loss", where)
+    run.optimizer.zero_grad(set_to_none=True)
+    run.fabric.backward(loss)
+    if run.cfg.grad_clip > 0:
+        norm = run.fabric.clip_gradients(run.model, run.optimizer, max_norm=run.cfg.grad_clip,
+                                         error_if_nonfinite=False)
+        if getattr(run.fabric.strategy.precision, "scaler", None) is None:  # a scaler skips such steps itself
+            _stop_unless_finite(run, norm, "the gradient norm", where)
+    run.optimizer.step()
+    run.scheduler.step()
+    return loss.item(), (logits.argmax(-1) == labels).sum().item()
+
+
+def _stop_unless_finite(run: _Run, value: torch.Tensor, what: str, where: str) -> None:
+    """Raise TrainingDiverged on every process at once (so none waits for another) if ``value`` is not finite
+    on any of them: nothing of this epoch is saved, earlier checkpoints stay for inspection."""
+    bad = (~torch.isfinite(value.detach())).any().to(run.fabric.device, torch.float32)
+    if run.fabric.world_size > 1:
+        bad = run.fabric.all_reduce(bad, reduce_op="sum")
+    if bad.item():
+        hint = "lower --lr" + ("" if run.cfg.grad_clip > 0 else " or set --grad-clip")
+        raise TrainingDiverged(f"{run.out}: training diverged at {where}: {what} is not a finite number; {hint} "
+                               f"(checkpoints of finished epochs are kept in {run.checkpoint_dir})")
+
+
+def _end_epoch(run: _Run, state: LoopState, row: dict[str, Any], bar: EpochProgress) -> None:
+    """Validation (protocol ``select``) and the best epoch so far, then metrics.csv, loggers and checkpoint."""
+    fabric, cfg = run.fabric, run.cfg
+    if "val" in run.splits:
+        row["val_top1"] = round(evaluate(fabric, run.model, run.splits["val"], cfg.eval_batch_size,
+                                         cfg.num_workers), 6)
+        if row["val_top1"] > state.best_val:
+            state.best_val, state.best_epoch = row["val_top1"], row["epoch"]
+            state.best_weights = {n: p.detach().clone() for n, p in run.raw.named_parameters() if n in run.names}
+    state.epoch = row["epoch"]
+    state.metrics.append(row)
+    state.tick()
+    bar.log(row)
+    fabric.log_dict({k: v for k, v in row.items() if k != "epoch"}, step=row["epoch"])
     if fabric.is_global_zero:
-        write_json(out / "settings.json", settings)
+        write_metrics(run.out / "metrics.csv", state.metrics)
+    fabric_save(fabric, run.checkpoint_dir / f"epoch-{state.epoch:04d}.safetensors", run.objects(state),
+                keep=lambda name, _: name in run.names)
 
-    started = time.time()
-    bar = EpochProgress(enabled=progress and fabric.is_global_zero, total_epochs=cfg.epochs)
-    for epoch in range(start_epoch, cfg.epochs):
-        model.train()
-        sampler.set_epoch(epoch)
-        epoch_start, seen, loss_sum, correct = time.time(), 0, 0.0, 0
-        with bar.epoch(epoch + 1, steps_per_epoch) as step_bar:
-            for step, (images, labels) in enumerate(loader):
-                if step >= steps_per_epoch:
-                    break
-                images, labels = images.to(fabric.device), labels.to(fabric.device)
-                logits = model(images)
-                loss = F.cross_entropy(logits, labels, label_smoothing=cfg.label_smoothing)
-                optimizer.zero_grad(set_to_none=True)
-                fabric.backward(loss)
-                if cfg.grad_clip > 0:
-                    fabric.clip_gradients(model, optimizer, max_norm=cfg.grad_clip)
-                optimizer.step()
-                scheduler.step()
-                seen += labels.numel()
-                loss_sum += loss.item() * labels.numel()
-                correct += (logits.argmax(-1) == labels).sum().item()
-                step_bar.update(loss=loss_sum / seen, acc=correct / seen,
-                                ips=seen * fabric.world_size / (time.time() - epoch_start))
-        totals = fabric.all_reduce(torch.tensor([loss_sum, correct, seen], dtype=torch.float64,
-                                                device=fabric.device), reduce_op="sum")
-        row = {"epoch": epoch + 1, "lr": scheduler.get_last_lr()[0],
-               "train_loss": round(totals[0].item() / totals[2].item(), 6),
-               "train_top1": round(totals[1].item() / totals[2].item(), 6),
-               "images_per_s": round(totals[2].item() / (time.time() - epoch_start), 1)}
-        if "val" in splits:
-            row["val_top1"] = round(evaluate(fabric, model, splits["val"], cfg.eval_batch_size, cfg.num_workers), 6)
-            if row["val_top1"] > best["val_top1"]:
-                best.update(val_top1=row["val_top1"], epoch=epoch + 1,
-                            state={n: params[n].detach().clone() for n in names})
-        metrics.append(row)
-        bar.log(row)
-        fabric.log_dict({k: v for k, v in row.items() if k != "epoch"}, step=epoch + 1)
-        if fabric.is_global_zero:
-            _write_metrics(out / "metrics.csv", metrics)
-            opt_tensors, opt_settings = optimizer_to_tensors(optimizer)
-            tensors = {f"param/{n}": params[n] for n in names} | opt_tensors | {"rng/torch": torch.get_rng_state()}
-            if best["state"] is not None:
-                tensors |= {f"best/{n}": t for n, t in best["state"].items()}
-            save_checkpoint(ckpt_dir, epoch + 1, tensors, {
-                "epoch": epoch + 1, "metrics": metrics, "optimizer": opt_settings,
-                "scheduler": scheduler.state_dict(), "elapsed_s": elapsed_before + time.time() - started,
-                "best": {"val_top1": best["val_top1"], "epoch": best["epoch"]}})
-        fabric.barrier()
 
-    if best["state"] is not None:
+def _finish(run: _Run, state: LoopState, settings: dict[str, Any]) -> dict[str, Any]:
+    """Test accuracy with the selected epoch's weights, then the trained weights and results.json (last)."""
+    fabric, cfg, splits = run.fabric, run.cfg, run.splits
+    if state.best_weights is not None:
         with torch.no_grad():
-            for n in names:
-                params[n].copy_(best["state"][n])
-    test_top1 = evaluate(fabric, model, splits["test"], cfg.eval_batch_size, cfg.num_workers)
-    counts = parameter_breakdown(raw_model)
+            for n, p in run.raw.named_parameters():
+                if n in run.names:
+                    p.copy_(state.best_weights[n])
+    test_top1 = evaluate(fabric, run.model, splits["test"], cfg.eval_batch_size, cfg.num_workers) \
+        if "test" in splits else None
+    counts = parameter_breakdown(run.raw)
+    state.tick()
     results = {
-        "task": data.task or Path(data.root).name, "method": cfg.method, "backbone": backbone,
-        "protocol": cfg.protocol, "test_top1": round(test_top1, 6),
-        "selected_epoch": best["epoch"] or cfg.epochs,
-        "val_top1": best["val_top1"] if best["epoch"] else None,
+        "task": settings["data"]["task"] or Path(settings["data"]["root"]).name, "method": cfg.method,
+        "backbone": settings["backbone"], "protocol": cfg.protocol,
+        "test_top1": None if test_top1 is None else round(test_top1, 6),
+        "selected_epoch": state.best_epoch or cfg.epochs,
+        "val_top1": state.best_val if state.best_epoch else None,
         "trainable_params": counts["trainable"], "total_params": counts["total"],
         "mergeable": SPECS[cfg.method].mergeable, "seed": cfg.seed,
-        "train_images": len(splits["train"]), "test_images": len(splits["test"]),
-        "wall_time_s": round(elapsed_before + time.time() - started, 1),
-        "images_per_s": round(sum(r["images_per_s"] for r in metrics) / max(1, len(metrics)), 1),
+        "train_images": len(splits["train"]), "test_images": len(splits["test"]) if "test" in splits else None,
+        "wall_time_s": round(state.elapsed_s, 1),
+        "images_per_s": round(sum(r["images_per_s"] for r in state.metrics) / max(1, len(state.metrics)), 1),
     }
     if fabric.is_global_zero:
-        if is_adapted(raw_model):
-            save_adapter(raw_model, out / "adapter", extra={"task": results["task"], "test_top1": test_top1,
-                                                            "class_names": splits["train"].class_names})
+        if is_adapted(run.raw):
+            save_adapter(run.raw, run.out / "adapter", extra={"task": results["task"], "test_top1": test_top1,
+                                                              "class_names": splits["train"].class_names})
         else:
-            write_safetensors(out / "trainable.safetensors", trainable_state_dict(raw_model))
-        write_json(out / "results.json", results)
+            write_safetensors(run.out / "trainable.safetensors", trainable_state_dict(run.raw))
+        write_json(run.out / "results.json", results)
     fabric.barrier()
     return results
