@@ -1,0 +1,208 @@
+"""arcvit tune: the search space file and its checks, a real search on tiny data (outputs, best.toml read back by
+train, the test split never opened), a killed search resumed, and bad inputs refused before anything is written."""
+from __future__ import annotations
+
+import contextlib
+import csv
+import json
+import os
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from arcvit.errors import ConfigError
+from arcvit.training.search_space import SEARCH_SPACE_FILE, Range, load_search_space, read_space_file
+from conftest import BACKBONE, TINY_TASK, arcvit_command, subprocess_env
+
+# One epoch of 5 steps per trial: a trial takes seconds.
+QUICK = ("--backbone", BACKBONE, "--random-init", "--task", TINY_TASK, "--epochs", "1", "--warmup-epochs", "0",
+         "--batch-size", "32", "--accelerator", "cpu", "--quiet")
+
+
+def space_file(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "space.toml"
+    path.write_text(text)
+    return path
+
+
+def test_packaged_space_is_valid_for_every_method():
+    defaults, methods = read_space_file(SEARCH_SPACE_FILE)
+    assert defaults["lr"] == Range("lr", 1e-4, 3e-2, log=True)
+    assert "epochs" not in defaults and all("epochs" not in m for m in methods.values())  # only if a user asks
+    for method in ("arc", "arc_att", "lora", "vera", "adaptformer"):
+        assert {"lr", "weight_decay", "rank", "adapter_dropout", "label_smoothing", "drop_path"} <= set(
+            load_search_space(method).ranges)
+    full = load_search_space("full")
+    assert "rank" not in full.ranges and "adapter_dropout" not in full.ranges  # defaults' adapter entries skip it
+    assert full.ranges["lr"].high < defaults["lr"].high and full.ranges["lr"].log
+
+
+def test_override_file_replaces_entries_and_flags_fix_settings(tmp_path):
+    path = space_file(tmp_path, "[defaults]\nepochs = {choices = [2, 4]}\nweight_decay = 0.0\n"
+                                "[methods.arc]\nrank = {low = 2, high = 8}\n")
+    space = load_search_space("arc", path)
+    assert space.ranges["rank"] == Range("rank", 2, 8) and space.ranges["epochs"].choices == (2, 4)
+    assert "weight_decay" not in space.ranges and space.fixed == {"weight_decay": 0.0}
+    assert space.ranges["lr"].log  # untouched entries stay the packaged ones
+    fixed = space.without(["epochs", "weight_decay"])
+    assert "epochs" not in fixed.ranges and fixed.fixed == {}
+
+
+@pytest.mark.parametrize("text, message", [
+    ("[methods.nosuch]\nlr = {low = 1e-3, high = 1e-2}", r"unknown method\(s\) nosuch"),
+    ("[defaults]\nmomentum = {low = 0.1, high = 0.9}", "unknown parameter 'momentum'"),
+    ("[defaults]\nlr = {low = 1e-2, high = 1e-2}", "empty range"),
+    ("[defaults]\nlr = {low = 1e-2, high = 1e-3}", "empty range"),
+    ("[defaults]\nlr = {choices = []}", "non-empty list"),
+    ("[defaults]\nlr = {low = 0.0, high = 1e-2, log = true}", "log-scale range must start above 0"),
+    ("[defaults]\nlr = {low = 1e-3, hi = 1e-2}", "unknown key"),
+    ("[methods.full]\nrank = {low = 1, high = 4}", "full has no rank"),
+    ("[methods.arc]\nrank = {low = 1.5, high = 4}", "whole-number ends"),
+    ("[defaults]\nlr = \"fast\"", "expected a range table or a number"),
+    ("[search]\nlr = 1e-3", "unexpected 'search'"),
+])
+def test_bad_search_space_is_one_clear_line(tmp_path, text, message):
+    path = space_file(tmp_path, text)
+    with pytest.raises(ConfigError, match=message) as e:
+        load_search_space("arc", path)
+    assert str(path) in str(e.value) and "\n" not in str(e.value)
+
+
+# ---- real searches through the command line -------------------------------------------------------------------
+
+
+def tune_args(data: Path, out: Path, *extra: str) -> list[str]:
+    return ["tune", *QUICK, "--data", str(data), "--method", "arc", "--out", str(out), *extra]
+
+
+def read_trials(study: Path) -> list[dict[str, str]]:
+    with open(study / "trials.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.fixture(scope="module")
+def no_test_images(tiny_data, tmp_path_factory) -> Path:
+    """tiny_data with every test image deleted (test.txt kept): a search that opened test would fail."""
+    root = tmp_path_factory.mktemp("no_test") / "data"
+    shutil.copytree(tiny_data, root)
+    task = root / TINY_TASK
+    for line in (task / "test.txt").read_text().splitlines():
+        (task / line.rsplit(maxsplit=1)[0]).unlink()
+    return root
+
+
+@pytest.fixture(scope="module")
+def search(arcvit_cli, no_test_images, tmp_path_factory) -> Path:
+    """A three-trial search on data whose test split is unreadable."""
+    study = tmp_path_factory.mktemp("search") / "study"
+    proc = arcvit_cli(*tune_args(no_test_images, study, "--trials", "3"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return study
+
+
+def test_search_writes_study_trials_best_and_plots(search):
+    for name in ("study.db", "trials.csv", "best.toml", "optimization_history.png"):
+        assert (search / name).is_file(), name
+    rows = read_trials(search)
+    assert [r["number"] for r in rows] == ["0", "1", "2"]
+    assert {r["state"] for r in rows} <= {"COMPLETE", "PRUNED"} and rows[0]["state"] == "COMPLETE"
+    assert len({r["lr"] for r in rows}) == 3  # each trial its own settings
+    for r in rows:
+        assert Path(r["run_dir"]) == search / "trials" / f"{int(r['number']):04d}"
+        settings = json.loads((Path(r["run_dir"]) / "settings.json").read_text())
+        assert settings["train"]["protocol"] == "select" and settings["data"]["splits"] == {
+            "train": "train800", "val": "val200"}  # test not even listed
+        assert "test" not in settings["data_fingerprints"]
+
+
+def test_best_toml_reproduces_the_best_trial_in_train(search, arcvit_cli, no_test_images, tiny_data, tmp_path):
+    rows = [r for r in read_trials(search) if r["state"] == "COMPLETE"]
+    best = max(rows, key=lambda r: float(r["val_top1"]))  # ties: the first, as optuna's best_trial
+    best_settings = json.loads((Path(best["run_dir"]) / "settings.json").read_text())["train"]
+    proc = arcvit_cli("train", *QUICK, "--data", tiny_data, "--method", "arc", "--config", search / "best.toml",
+                      "--protocol", "select", "--out", tmp_path / "run")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    settings = json.loads((tmp_path / "run" / "settings.json").read_text())["train"]
+    assert settings == best_settings
+    assert settings["lr"] == pytest.approx(float(best["lr"]), rel=1e-12) and settings["rank"] == int(best["rank"])
+
+
+def test_final_retrains_best_on_train_plus_val_and_tests_once(arcvit_cli, tiny_data, tmp_path):
+    study = tmp_path / "study"
+    proc = arcvit_cli(*tune_args(tiny_data, study, "--trials", "1", "--final"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    final = json.loads((study / "final.json").read_text())
+    results = json.loads((study / "final" / "results.json").read_text())
+    assert final["protocol"] == results["protocol"] == "final" and final["test_top1"] == results["test_top1"]
+    assert final["best_trial"] == 0 and results["train_images"] == 200  # train800val200
+    summary = json.loads(proc.stdout)
+    assert summary["final"]["test_top1"] == results["test_top1"]
+    before = (study / "final" / "results.json").stat().st_mtime_ns
+    again = arcvit_cli(*tune_args(tiny_data, study, "--trials", "1", "--final", "--resume"))
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert (study / "final" / "results.json").stat().st_mtime_ns == before  # test evaluated once
+
+
+def test_killed_search_resumes_without_repeating_finished_trials(tiny_data, arcvit_cli, tmp_path):
+    study = tmp_path / "study"
+    args = tune_args(tiny_data, study, "--trials", "3", "--epochs", "2")
+    with subprocess.Popen([*arcvit_command(), *args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                          env=subprocess_env(), start_new_session=True) as proc:
+        deadline = time.time() + 240
+        while time.time() < deadline and proc.poll() is None:
+            if (study / "trials.csv").exists() and any(r["state"] == "COMPLETE" for r in read_trials(study)):
+                break
+            time.sleep(0.1)
+        assert proc.poll() is None, "the search ended before it could be killed"
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    first = [r for r in read_trials(study) if r["state"] == "COMPLETE"]
+    stamps = {r["number"]: (Path(r["run_dir"]) / "results.json").stat().st_mtime_ns for r in first}
+
+    resumed = arcvit_cli(*args, "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    rows = read_trials(study)
+    finished = [r for r in rows if r["state"] in ("COMPLETE", "PRUNED")]
+    assert len(finished) == 3
+    for r in first:  # the same trials, neither retrained nor re-numbered
+        assert next(x for x in rows if x["number"] == r["number"]) == r
+        assert (Path(r["run_dir"]) / "results.json").stat().st_mtime_ns == stamps[r["number"]]
+    failed = [r for r in rows if r["state"] == "FAIL"]  # the trial the kill interrupted, if any, is retried
+    for r in failed:
+        assert any(x["lr"] == r["lr"] and x["state"] in ("COMPLETE", "PRUNED") for x in finished)
+
+
+@pytest.mark.parametrize("extra, message", [
+    (("--method", "nosuch"), "invalid choice: 'nosuch'"),
+    (("--trials", "0"), "--trials must be a positive whole number"),
+    (("--storage", "nosuchdb://somewhere/x"), "storage 'nosuchdb://somewhere/x' cannot be opened"),
+    (("--storage", "sqlite:////nonexistent-dir/sub/x.db"), "cannot be opened"),
+    (("--protocol", "final"), "protocol: set by tune"),
+])
+def test_bad_inputs_one_line_nothing_written(extra, message, tiny_data, tmp_path, capsys):
+    from arcvit.cli import main
+    out = tmp_path / "study"
+    argv = tune_args(tiny_data, out, "--trials", "2", *extra)
+    with pytest.raises(SystemExit) if "invalid choice" in message else contextlib.nullcontext():
+        assert main(argv) == 1
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1, err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("text, message", [
+    ("[defaults]\nfoo = {low = 1, high = 2}", "unknown parameter 'foo'"),
+    ("[defaults]\nlr = {low = 1e-2, high = 1e-3}", "empty range"),
+    ("[methods.nosuch]\nlr = 1e-3", "unknown method(s) nosuch"),
+])
+def test_bad_space_file_on_the_command_line(text, message, tiny_data, tmp_path, capsys):
+    from arcvit.cli import main
+    out = tmp_path / "study"
+    assert main(tune_args(tiny_data, out, "--trials", "2", "--config", space_file(tmp_path, text))) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("arcvit tune: error: ") and message in err and len(err.splitlines()) == 1, err
+    assert not out.exists()
