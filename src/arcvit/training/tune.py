@@ -128,7 +128,7 @@ def _open_storage(optuna: Any, url: str, create_dir: Path | None) -> Any:
 
 def _retry_interrupted(optuna: Any, study: Any) -> None:
     """A local study resumed: its RUNNING trials died with the killed search. Fail them and queue their
-    settings again, so that the trial lost is the only work lost."""
+    settings again; the retry continues the killed trial's run folder from its last checkpoint."""
     from optuna.trial import TrialState
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         study.tell(t.number, state=TrialState.FAIL)
@@ -160,14 +160,16 @@ def _objective(job: TuneJob, run: Any, trial: Any) -> float:
     """One trial: train in its own folder on train800, score validation top-1, prune on its epochs."""
     optuna = _optuna()
     params = {name: r.suggest(trial) for name, r in job.space.ranges.items()}
-    folder = job.study_dir / "trials" / f"{trial.number:04d}"
+    retry_of = trial.user_attrs.get("retry_of")  # a killed trial's settings, queued again: continue its run
+    folder = job.study_dir / "trials" / f"{trial.number if retry_of is None else retry_of:04d}"
     trial.set_user_attr("run_dir", str(folder))
 
     def report(epoch: int, row: dict) -> None:
         trial.report(row["val_top1"], epoch)
         if trial.should_prune():
             raise optuna.TrialPruned(f"pruned after epoch {epoch}")
-    results = run(job.data, job.settings(params), folder, on_epoch_end=report, evaluate_test=False)
+    results = run(job.data, job.settings(params), folder, resume=retry_of is not None, on_epoch_end=report,
+                  evaluate_test=False)
     trial.set_user_attr("selected_epoch", results["selected_epoch"])
     trial.set_user_attr("trainable_params", results["trainable_params"])
     return results["val_top1"]
