@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from arcvit.errors import ConfigError
-from arcvit.methods import METHODS, SPECS
+from arcvit.methods.registry import METHODS, SPECS
 
 SEARCH_SPACE_FILE = Path(__file__).resolve().parent.parent / "configs" / "search_space.toml"
 SEARCHABLE = ("lr", "weight_decay", "rank", "adapter_dropout", "label_smoothing", "drop_path", "epochs",

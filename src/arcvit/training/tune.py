@@ -20,12 +20,12 @@ from typing import Any
 
 from arcvit.errors import ConfigError
 from arcvit.fileio import write_json, write_text
-from arcvit.train import DataSpec, TrainConfig, train
+from arcvit.training.config import RUNTIME_FIELDS, DataSpec, TrainConfig
+from arcvit.training.loop import train
 from arcvit.training.search_space import SearchSpace, load_search_space
 from arcvit.training.tune_outputs import recipe_toml, write_plots, write_trials_csv
 
 STUDY_FILE = "study.db"
-EXECUTION_FIELDS = ("accelerator", "devices", "num_nodes", "strategy", "num_workers", "eval_batch_size")
 TUNE_SET_FIELDS = ("method", "protocol")  # tune sets these itself
 PRUNER_STARTUP_TRIALS = 3  # the median pruner stops nothing before this many trials have finished
 
@@ -73,7 +73,7 @@ class TuneJob:
 
     def identity(self) -> dict[str, Any]:
         """What a study was started with: a resumed or shared study must go on with the same."""
-        recipe = {k: v for k, v in asdict(self.settings()).items() if k not in EXECUTION_FIELDS}
+        recipe = {k: v for k, v in asdict(self.settings()).items() if k not in RUNTIME_FIELDS}
         return {"task": self.task, "method": self.method, "backbone": self.backbone, "checkpoint": self.checkpoint,
                 "pretrained": self.pretrained, "settings": recipe, "space": self.space.to_dict()}
 
@@ -85,11 +85,12 @@ def make_job(backbone: str, data: DataSpec, method: str, trials: int, study_dir:
     if isinstance(trials, bool) or not isinstance(trials, int) or trials < 1:
         raise ConfigError(f"--trials must be a positive whole number, got {trials!r}")
     fixed = dict(fixed or {})
-    set_here = [k for k in TUNE_SET_FIELDS if k in fixed or k in (base or {})]
+    set_here = [k for k in TUNE_SET_FIELDS if k in fixed]
     if set_here:
         raise ConfigError(f"{', '.join(set_here)}: set by tune (it always searches under the select protocol)")
+    base = {k: v for k, v in (base or {}).items() if k not in TUNE_SET_FIELDS}  # a recipe's final protocol
     space = load_search_space(method, space_file).without(fixed)
-    job = TuneJob(backbone, data, method, trials, Path(study_dir), dict(base or {}), fixed, space, **options)
+    job = TuneJob(backbone, data, method, trials, Path(study_dir), base, fixed, space, **options)
     for r in space.ranges.values():  # both ends of every range must make a valid run
         for end in r.ends():
             job.settings({r.name: end})
@@ -184,7 +185,7 @@ def best_settings(job: TuneJob, study: Any) -> tuple[Any, dict[str, Any]]:
     params = {k: v for k, v in best.params.items() if k in job.space.ranges}
     settings = asdict(job.settings(params))
     return best, {k: v for k, v in settings.items()
-                  if k not in (*EXECUTION_FIELDS, *TUNE_SET_FIELDS, "seed")}
+                  if k not in (*RUNTIME_FIELDS, *TUNE_SET_FIELDS, "seed")}
 
 
 def write_outputs(job: TuneJob, study: Any, plots: bool = False) -> dict[str, str]:
