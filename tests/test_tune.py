@@ -149,7 +149,7 @@ def test_final_retrains_best_on_train_plus_val_and_tests_once(arcvit_cli, tiny_d
 
 def test_killed_search_resumes_without_repeating_finished_trials(tiny_data, arcvit_cli, tmp_path):
     study = tmp_path / "study"
-    args = tune_args(tiny_data, study, "--trials", "3", "--epochs", "2")
+    args = tune_args(tiny_data, study, "--trials", "2", "--epochs", "2")
     with subprocess.Popen([*arcvit_command(), *args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                           env=subprocess_env(), start_new_session=True) as proc:
         deadline = time.time() + 240
@@ -167,7 +167,7 @@ def test_killed_search_resumes_without_repeating_finished_trials(tiny_data, arcv
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     rows = read_trials(study)
     finished = [r for r in rows if r["state"] in ("COMPLETE", "PRUNED")]
-    assert len(finished) == 3
+    assert len(finished) == 2
     for r in first:  # the same trials, neither retrained nor re-numbered
         assert next(x for x in rows if x["number"] == r["number"]) == r
         assert (Path(r["run_dir"]) / "results.json").stat().st_mtime_ns == stamps[r["number"]]
@@ -206,3 +206,59 @@ def test_bad_space_file_on_the_command_line(text, message, tiny_data, tmp_path, 
     err = capsys.readouterr().err.strip()
     assert err.startswith("arcvit tune: error: ") and message in err and len(err.splitlines()) == 1, err
     assert not out.exists()
+
+
+# ---- arcvit bench --tune and matched-parameter variants -------------------------------------------------------
+
+
+def test_bench_tune_gives_every_method_the_same_budget(tmp_path, capsys):
+    """A tiny suite: each (task, method) tuned with 2 trials, then the final runs use the tuned settings; a
+    variant arc@4 keeps its rank fixed; a second bench retrains and re-tunes nothing."""
+    from arcvit.bench.runner import run_bench
+    from arcvit.data.mini import build_mini_suite
+    build_mini_suite(tmp_path / "data", ["mnist5k"], test_size=20)
+    kw = dict(tasks=["mnist5k"], methods=["linear", "arc@4"], backbone=BACKBONE, overrides={"epochs": 1},
+              progress=False, pretrained=False, max_steps_per_epoch=2, mini_test_size=20, tune=2)
+    run_bench("mini", tmp_path, **kw)
+    plan = json.loads((tmp_path / "bench.json").read_text())
+    tuned = plan["tuning"]["tuned"]["mnist5k"]
+    assert plan["tuning"]["trials"] == 2 and set(tuned) == {"linear", "arc@4"}
+    assert "rank" not in tuned["arc@4"]["settings"] and "rank" not in tuned["linear"]["settings"]
+    for name, record in tuned.items():
+        assert len(read_trials(tmp_path / "tune" / "mnist5k" / name)) == 2
+        train = json.loads((tmp_path / "runs" / "mnist5k" / name / "seed0" / "settings.json").read_text())["train"]
+        assert train["protocol"] == "final" and train["epochs"] == 1
+        assert {k: train[k] for k in record["settings"]} == record["settings"]
+    arc = json.loads((tmp_path / "runs" / "mnist5k" / "arc@4" / "seed0" / "settings.json").read_text())["train"]
+    assert (arc["method"], arc["rank"]) == ("arc", 4)
+    report = (tmp_path / "report.md").read_text()
+    assert "- tuning: the same budget for every (task, method): 2 trials" in report
+    assert "## Tuned settings" in report and "| mnist5k | arc@4 |" in report and "| arc@4 |" in report
+    assert (tmp_path / "accuracy_vs_params.png").stat().st_size > 0
+    stamps = {f: f.stat().st_mtime_ns for f in tmp_path.glob("*/mnist5k/**/results.json")}  # runs/, tune/
+    capsys.readouterr()
+
+    run_bench("mini", tmp_path, **kw)
+    assert capsys.readouterr().out.count("skip (done)") == 2
+    assert len(stamps) == 6 and {f: f.stat().st_mtime_ns for f in stamps} == stamps
+    assert all(len(read_trials(tmp_path / "tune" / "mnist5k" / n)) == 2 for n in tuned)
+
+
+@pytest.mark.parametrize("methods, message", [
+    (["linear@4"], "'linear@4': linear has no rank to fix"),
+    (["arc@x"], "'arc@x': the rank after @ must be a positive whole number"),
+    (["arc@0"], "the rank after @ must be a positive whole number"),
+    (["nosuch@4"], "unknown method 'nosuch'"),
+])
+def test_bench_method_variants_are_checked(methods, message, tmp_path, capsys):
+    from arcvit.cli import main
+    assert main(["bench", "--suite", "mini", "--methods", *methods, "--out", str(tmp_path / "b")]) == 1
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1 and not (tmp_path / "b").exists()
+
+
+def test_bench_tune_zero_is_refused(tmp_path, capsys):
+    from arcvit.cli import main
+    assert main(["bench", "--suite", "mini", "--tune", "0", "--out", str(tmp_path / "b")]) == 1
+    assert "--tune must be a positive whole number" in capsys.readouterr().err
+    assert not (tmp_path / "b").exists()

@@ -91,6 +91,10 @@ def make_job(backbone: str, data: DataSpec, method: str, trials: int, study_dir:
     base = {k: v for k, v in (base or {}).items() if k not in TUNE_SET_FIELDS}  # a recipe's final protocol
     space = load_search_space(method, space_file).without(fixed)
     job = TuneJob(backbone, data, method, trials, Path(study_dir), base, fixed, space, **options)
+    cfg = job.settings()
+    if cfg.devices * cfg.num_nodes > 1:
+        raise ConfigError("tune trains each trial in one process (devices 1, num_nodes 1); run several tune "
+                          "processes against one --storage instead")
     for r in space.ranges.values():  # both ends of every range must make a valid run
         for end in r.ends():
             job.settings({r.name: end})
