@@ -262,3 +262,28 @@ def test_bench_tune_zero_is_refused(tmp_path, capsys):
     assert main(["bench", "--suite", "mini", "--tune", "0", "--out", str(tmp_path / "b")]) == 1
     assert "--tune must be a positive whole number" in capsys.readouterr().err
     assert not (tmp_path / "b").exists()
+
+
+# ---- the one recipe loader, as train reads it -----------------------------------------------------------------
+
+
+def test_train_config_layers_most_specific_last_flags_above_all(tmp_path):
+    from arcvit.bench.runner import CONFIG_DIR
+    from arcvit.cli import _train_config, build_parser
+    recipe = tmp_path / "recipe.toml"
+    recipe.write_text("[defaults]\nlr = 0.1\nweight_decay = 0.1\nepochs = 7\nwarmup_epochs = 1\n"
+                      "[methods.full]\nlr = 0.01\nweight_decay = 0.01\n"
+                      "[tasks.shapes_tiny]\nlr = 0.2\nlabel_smoothing = 0.1\n"
+                      "[tasks.shapes_tiny.methods.full]\nweight_decay = 0.001\n")
+
+    def cfg(task, method, *flags, config=recipe):
+        return _train_config(build_parser().parse_args(["train", "--data", "x", "--out", "y", "--config", str(config),
+                                                        "--task", task, "--method", method, *flags]))
+    full = cfg("shapes_tiny", "full")
+    assert (full.lr, full.weight_decay, full.label_smoothing, full.epochs) == (0.01, 0.001, 0.1, 7)
+    arc = cfg("shapes_tiny", "arc")
+    assert (arc.lr, arc.weight_decay, arc.label_smoothing) == (0.2, 0.1, 0.1)  # a method layer beats a task layer
+    assert (cfg("other", "full").lr, cfg("other", "full").weight_decay) == (0.01, 0.01)
+    flagged = cfg("shapes_tiny", "full", "--lr", "0.5", "--weight-decay", "0")
+    assert (flagged.lr, flagged.weight_decay) == (0.5, 0.0)
+    assert cfg("mnist5k", "full", config=CONFIG_DIR / "mini.toml").lr == 5e-4  # not ARC's 1e-2
