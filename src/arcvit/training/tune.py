@@ -132,12 +132,14 @@ def _open_storage(optuna: Any, url: str, create_dir: Path | None) -> Any:
 
 
 def _retry_interrupted(optuna: Any, study: Any) -> None:
-    """A local study resumed: its RUNNING trials died with the killed search. Fail them and queue their
-    settings again; the retry continues the killed trial's run folder from its last checkpoint."""
+    """A local study resumed: its RUNNING trials died with the killed search. Fail them, and queue the
+    settings of one that had started training again: the retry continues its run folder from its last
+    checkpoint."""
     from optuna.trial import TrialState
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         study.tell(t.number, state=TrialState.FAIL)
-        study.enqueue_trial(t.params, user_attrs={"retry_of": t.number}, skip_if_exists=False)
+        if "run_dir" in t.user_attrs:  # set once every setting was drawn
+            study.enqueue_trial(t.params, user_attrs={"retry_of": t.number}, skip_if_exists=False)
 
 
 def open_study(job: TuneJob, resume: bool = False) -> Any:
