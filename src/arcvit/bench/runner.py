@@ -17,6 +17,8 @@ from lightning_fabric.utilities import rank_zero_only
 
 from arcvit.backends.timm.zoo import DEFAULT_BACKBONE
 from arcvit.bench.report import ERROR_FILE, PLAN_FILE, SUITES, build_report, read_json, run_dir
+from arcvit.bench.tuning import tune_row, tuned_recipe
+from arcvit.bench.variants import split_variant
 from arcvit.data.layouts import resolve_task
 from arcvit.data.mini import build_mini_suite
 from arcvit.errors import ArcvitError, ConfigError
@@ -25,8 +27,6 @@ from arcvit.methods import METHODS
 from arcvit.training.config import RUNTIME_FIELDS, DataSpec, TrainConfig
 from arcvit.training.loop import train
 from arcvit.training.recipes import Recipe, load_recipe, train_config
-from arcvit.bench.tuning import tune_row, tuned_recipe
-from arcvit.bench.variants import split_variant
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 BENCH_SET_FIELDS = ("method", "seed")  # the bench sets these itself

@@ -7,9 +7,10 @@ bench's flags were fixed during the search and still beat everything.
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import asdict, replace
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from arcvit.bench.variants import split_variant
 from arcvit.training.config import DataSpec

@@ -133,7 +133,7 @@ class SearchSpace:
     ranges: dict[str, Range]
     fixed: dict[str, Any]
 
-    def without(self, names: Iterable[str]) -> "SearchSpace":
+    def without(self, names: Iterable[str]) -> SearchSpace:
         """This space less the settings that flags fix."""
         names = set(names)
         return SearchSpace(self.method, {k: r for k, r in self.ranges.items() if k not in names},

@@ -118,6 +118,7 @@ def _storage_url(job: TuneJob, resume: bool) -> str:
 
 def _open_storage(optuna: Any, url: str, create_dir: Path | None) -> Any:
     """Optuna's RDB storage with heartbeats, so that a trial whose process died is failed and retried."""
+    from sqlalchemy.exc import SQLAlchemyError  # optuna's own dependency
     if create_dir is not None:
         create_dir.mkdir(parents=True, exist_ok=True)
     try:
@@ -126,12 +127,12 @@ def _open_storage(optuna: Any, url: str, create_dir: Path | None) -> Any:
             return optuna.storages.RDBStorage(
                 url, heartbeat_interval=60, grace_period=180,
                 heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=1))
-    except Exception as e:  # sqlalchemy's URL, driver and connection errors, a missing driver module
+    except (SQLAlchemyError, ImportError, ValueError, OSError) as e:  # bad URL, no driver, cannot connect
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ConfigError(f"storage {url!r} cannot be opened ({first})") from None
 
 
-def _retry_interrupted(optuna: Any, study: Any) -> None:
+def _retry_interrupted(study: Any) -> None:
     """A local study resumed: its RUNNING trials died with the killed search. Fail them, and queue the
     settings of one that had started training again: the retry continues its run folder from its last
     checkpoint."""
@@ -157,7 +158,7 @@ def open_study(job: TuneJob, resume: bool = False) -> Any:
         diffs = [f"{k} {stored.get(k)!r} -> {v!r}" for k, v in identity.items() if stored.get(k) != v]
         raise ConfigError(f"study {name!r} in {url} was started with other settings ({'; '.join(diffs)})")
     if resume and not job.storage:
-        _retry_interrupted(optuna, study)
+        _retry_interrupted(study)
     seed = job.settings().seed + len(study.trials)  # a resumed search does not replay the sampler's draws
     study.sampler = optuna.samplers.TPESampler(seed=seed)
     return study
