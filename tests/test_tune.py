@@ -290,7 +290,9 @@ def test_train_config_layers_most_specific_last_flags_above_all(tmp_path):
 
 
 def test_poor_trials_are_pruned_and_count_towards_the_budget(tmp_path, monkeypatch):
-    """The pruner reads each epoch's validation top-1 through train's on_epoch_end hook (train faked here)."""
+    """The pruner reads each epoch's validation top-1 through train's on_epoch_end hook (train faked here); a
+    diverged trial counts as pruned."""
+    from arcvit.errors import TrainingDiverged
     from arcvit.training import tune as tuning
     from arcvit.training.config import DataSpec
     calls = []
@@ -299,15 +301,18 @@ def test_poor_trials_are_pruned_and_count_towards_the_budget(tmp_path, monkeypat
         assert not evaluate_test and cfg.protocol == "select"
         score = 0.1 if len(calls) >= tuning.PRUNER_STARTUP_TRIALS else 0.5
         calls.append([])
+        if len(calls) == 6:
+            raise TrainingDiverged(f"{out}: training diverged at epoch 1")
         for epoch in range(1, cfg.epochs + 1):
             calls[-1].append(epoch)
             on_epoch_end(epoch, {"epoch": epoch, "val_top1": score})
         return {"val_top1": score, "selected_epoch": cfg.epochs, "trainable_params": 1}
     monkeypatch.setattr(tuning, "train", fake_train)
-    job = tuning.make_job(BACKBONE, DataSpec(str(tmp_path), "t"), "linear", 5, tmp_path / "study",
+    job = tuning.make_job(BACKBONE, DataSpec(str(tmp_path), "t"), "linear", 6, tmp_path / "study",
                           fixed={"epochs": 3, "warmup_epochs": 0})
     summary = tuning.tune(job, progress=False)
-    assert calls == [[1, 2, 3]] * 3 + [[1]] * 2  # the last two stopped after their first epoch
-    states = [r["state"] for r in read_trials(tmp_path / "study")]
-    assert states == ["COMPLETE"] * 3 + ["PRUNED"] * 2 and summary["finished"] == 5
+    assert calls == [[1, 2, 3]] * 3 + [[1]] * 2 + [[]]  # two stopped after their first epoch, one diverged
+    rows = read_trials(tmp_path / "study")
+    assert [r["state"] for r in rows] == ["COMPLETE"] * 3 + ["PRUNED"] * 3 and summary["finished"] == 6
+    assert "training diverged" in rows[5]["note"]  # a poor setting: the search goes on
     assert "rank" not in job.space.ranges and summary["best_val_top1"] == 0.5

@@ -18,7 +18,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from arcvit.errors import ConfigError
+from arcvit.errors import ConfigError, TrainingDiverged
 from arcvit.fileio import write_json, write_text
 from arcvit.training.config import RUNTIME_FIELDS, DataSpec, TrainConfig
 from arcvit.training.loop import train
@@ -176,8 +176,12 @@ def _objective(job: TuneJob, run: Any, trial: Any) -> float:
         trial.report(row["val_top1"], epoch)
         if trial.should_prune():
             raise optuna.TrialPruned(f"pruned after epoch {epoch}")
-    results = run(job.data, job.settings(params), folder, resume=retry_of is not None, on_epoch_end=report,
-                  evaluate_test=False)
+    try:
+        results = run(job.data, job.settings(params), folder, resume=retry_of is not None, on_epoch_end=report,
+                      evaluate_test=False)
+    except TrainingDiverged as e:  # a setting that diverges (too large a step) is a poor one, not a broken search
+        trial.set_user_attr("note", str(e))
+        raise optuna.TrialPruned(str(e)) from None
     trial.set_user_attr("selected_epoch", results["selected_epoch"])
     trial.set_user_attr("trainable_params", results["trainable_params"])
     return results["val_top1"]

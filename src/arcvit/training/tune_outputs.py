@@ -13,7 +13,8 @@ from typing import Any
 
 from arcvit.fileio import atomic_path, write_text
 
-TRIAL_FIELDS = ("number", "state", "val_top1", "selected_epoch", "trainable_params", "duration_s", "run_dir")
+TRIAL_FIELDS = ("number", "state", "val_top1", "selected_epoch", "trainable_params", "duration_s", "run_dir",
+                "note")
 
 
 def _duration(trial: Any) -> float | None:
@@ -32,7 +33,7 @@ def write_trials_csv(trials: list[Any], path: Path) -> Path:
         writer.writerow({"number": t.number, "state": t.state.name, "val_top1": t.value,
                          "selected_epoch": t.user_attrs.get("selected_epoch"),
                          "trainable_params": t.user_attrs.get("trainable_params"), "duration_s": _duration(t),
-                         "run_dir": t.user_attrs.get("run_dir"), **t.params})
+                         "run_dir": t.user_attrs.get("run_dir"), "note": t.user_attrs.get("note"), **t.params})
     write_text(path, buf.getvalue())
     return path
 
