@@ -182,6 +182,8 @@ def test_killed_search_resumes_without_repeating_finished_trials(tiny_data, arcv
     (("--storage", "nosuchdb://somewhere/x"), "storage 'nosuchdb://somewhere/x' cannot be opened"),
     (("--storage", "sqlite:////nonexistent-dir/sub/x.db"), "cannot be opened"),
     (("--protocol", "final"), "protocol: set by tune"),
+    (("--resume",), "study.db: no study to resume"),
+    (("--devices", "2"), "tune trains each trial in one process"),
 ])
 def test_bad_inputs_one_line_nothing_written(extra, message, tiny_data, tmp_path, capsys):
     from arcvit.cli import main
