@@ -317,4 +317,7 @@ def test_poor_trials_are_pruned_and_count_towards_the_budget(tmp_path, monkeypat
     rows = read_trials(tmp_path / "study")
     assert [r["state"] for r in rows] == ["COMPLETE"] * 3 + ["PRUNED"] * 3 and summary["finished"] == 6
     assert "training diverged" in rows[5]["note"]  # a poor setting: the search goes on
+    assert (tmp_path / "study" / "param_importances.png").is_file()
+    import matplotlib
+    assert matplotlib.rcParams["axes.facecolor"] == "white"  # optuna's plot style did not leak into arcvit's
     assert "rank" not in job.space.ranges and summary["best_val_top1"] == 0.5

@@ -40,7 +40,7 @@ def plot_accuracy_vs_params(points: Sequence[tuple[str, float, float, float]], p
     ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=10)
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8, loc="lower right")
+    ax.legend(fontsize=8, loc="best")
     fig.tight_layout()
     path = Path(path)
     with atomic_path(path) as tmp:

@@ -77,7 +77,7 @@ def write_plots(study: Any, out: Path) -> list[Path]:
     from optuna.trial import TrialState
     from optuna.visualization import matplotlib as views
     written = []
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), plt.rc_context():  # optuna's plots switch the global style: put it back
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         warnings.simplefilter("ignore", UserWarning)  # "importances will be equal" on a handful of trials
         ax = views.plot_optimization_history(study, target_name="val top-1")
