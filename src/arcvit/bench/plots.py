@@ -1,4 +1,8 @@
-"""The one plot arcvit draws: accuracy against trainable parameters (log scale), one point per method."""
+"""The one plot arcvit draws: accuracy against trainable parameters (log scale), one line per method.
+
+A method run at several ranks (variants ``arc@4``, ``arc@16``, ...) is one line through its points in order of
+size: the accuracy-for-parameters frontier a PETL comparison is read from. A method at one size is a point.
+"""
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -9,24 +13,34 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from arcvit.bench.variants import line_of  # noqa: E402
 from arcvit.fileio import atomic_path  # noqa: E402
 
 
 def plot_accuracy_vs_params(points: Sequence[tuple[str, float, float, float]], path: str | Path, title: str,
                             ylabel: str = "mean top-1 accuracy (%)") -> Path:
-    """``points``: (method, trainable parameters, accuracy %, std %) — std 0 draws no error bar."""
+    """``points``: (label, trainable parameters, accuracy %, std %) — std 0 draws no error bar. Labels
+    ``M@R`` join method M's line; each point is annotated with its own label."""
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
-    for method, params, acc, std in points:
-        ax.errorbar(params, acc, yerr=std or None, fmt="o", markersize=8 if method.startswith("arc") else 6,
-                    capsize=3, label=method, zorder=3 if method.startswith("arc") else 2)
-        ax.annotate(method, (params, acc), textcoords="offset points", xytext=(6, 5), fontsize=9)
+    lines: dict[str, list[tuple[str, float, float, float]]] = {}
+    for point in points:
+        lines.setdefault(line_of(point[0]), []).append(point)
+    for method, members in lines.items():
+        members.sort(key=lambda p: p[1])
+        _, xs, ys, stds = zip(*members)
+        arc = method.startswith("arc")
+        ax.errorbar(xs, ys, yerr=list(stds) if any(stds) else None, fmt="o-" if len(members) > 1 else "o",
+                    markersize=8 if arc else 6, linewidth=2 if arc else 1.2, capsize=3, label=method,
+                    zorder=3 if arc else 2)
+        for label, x, y, _ in members:
+            ax.annotate(label, (x, y), textcoords="offset points", xytext=(6, 5), fontsize=8)
     ax.set_xscale("log")
     ax.margins(x=0.12, y=0.1)  # room for the labels of the outermost points
     ax.set_xlabel("trainable parameters (log scale)")
     ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=10)
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8, loc="lower right")
+    ax.legend(fontsize=8, loc="best")
     fig.tight_layout()
     path = Path(path)
     with atomic_path(path) as tmp:

@@ -254,6 +254,31 @@ def _outstanding(records: Sequence[Mapping[str, Any]], plan: Mapping[str, Any]) 
     return [f"{t} / {m} / seed {s}" for t, m, s in dict.fromkeys(planned) if (t, m, s) not in ended]
 
 
+def _budget_line(plan: Mapping[str, Any]) -> list[str]:
+    tuning = plan.get("tuning")
+    if not tuning:
+        return []
+    return [f"- tuning: the same budget for every (task, method): {tuning['trials']} trials of `arcvit tune` "
+            "(Optuna TPE, median pruning), scored on validation under the select protocol; the test split is "
+            f"never opened while tuning (search space: {tuning['search_space']})"]
+
+
+def _tuned_settings(plan: Mapping[str, Any]) -> list[str]:
+    """The settings tuning chose, per task and method, with the validation top-1 they were chosen on."""
+    tuned = (plan.get("tuning") or {}).get("tuned") or {}
+    rows = []
+    for task, methods in tuned.items():
+        for method, record in methods.items():
+            shown = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
+                              for k, v in record["settings"].items())
+            rows.append([task, method, shown or "–", f"{100 * record['val_top1']:.1f}", str(record["trials"])])
+    if not rows:
+        return []
+    return ["## Tuned settings", "", "Chosen on validation (best trial of each study under `tune/<task>/<method>/`); "
+            "the runs above retrain them under the table's protocol.", "",
+            *_markdown_table(["task", "method", "settings", "val top-1 (%)", "trials"], rows, 3), ""]
+
+
 def render_report(title: str, table: Mapping[str, Any], about: Mapping[str, Any],
                   records: Sequence[Mapping[str, Any]], plan: Mapping[str, Any]) -> str:
     """report.md: what was run and how, the table, then per-method settings, data, failures and gaps."""
@@ -270,6 +295,7 @@ def render_report(title: str, table: Mapping[str, Any], about: Mapping[str, Any]
              f"- runs: {done} finished, {len(failed)} failed, {len(outstanding)} outstanding",
              f"- settings shared by every run: {shared or '–'}",
              "- versions: " + (", ".join(f"{p} {' / '.join(v)}" for p, v in about["versions"].items()) or "–"),
+             *_budget_line(plan),
              "", "## Top-1 accuracy (%) on test", "", *render_table(table), "",
              "Cells: mean over seeds, ± the sample standard deviation over seeds when there are several "
              "(for a mean over tasks: of the per-seed means over the seeds every task has). "
@@ -282,6 +308,7 @@ def render_report(title: str, table: Mapping[str, Any], about: Mapping[str, Any]
         names = list(next(iter(about["method_settings"].values())))
         rows = [[m, *(s[k] for k in names)] for m, s in about["method_settings"].items()]
         lines += ["## Per-method settings", "", *_markdown_table(["method", *names], rows, len(names) + 1), ""]
+    lines += _tuned_settings(plan)
     if about["data_fingerprints"]:
         roles = [role for role in ("train", "val", "test")
                  if any(role in fp for fp in about["data_fingerprints"].values())]

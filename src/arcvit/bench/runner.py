@@ -17,11 +17,13 @@ from lightning_fabric.utilities import rank_zero_only
 
 from arcvit.backends.timm.zoo import DEFAULT_BACKBONE
 from arcvit.bench.report import ERROR_FILE, PLAN_FILE, SUITES, build_report, read_json, run_dir
+from arcvit.bench.tuning import tune_row, tuned_recipe
+from arcvit.bench.variants import split_variant
 from arcvit.data.layouts import resolve_task
 from arcvit.data.mini import build_mini_suite
 from arcvit.errors import ArcvitError, ConfigError
 from arcvit.fileio import write_json, write_text
-from arcvit.methods import METHODS, SPECS
+from arcvit.methods import METHODS
 from arcvit.training.config import RUNTIME_FIELDS, DataSpec, TrainConfig
 from arcvit.training.loop import train
 from arcvit.training.recipes import Recipe, load_recipe, train_config
@@ -125,26 +127,60 @@ def _selection(suite: str, tasks: Sequence[str] | None, methods: Sequence[str] |
     """The tasks (in the suite's order), methods and seeds to run, each checked and without repeats."""
     wanted = {canonical_task(suite, t) for t in tasks} if tasks else set(SUITES[suite].tasks)
     methods = list(dict.fromkeys(methods or METHODS))
-    unknown = [m for m in methods if m not in SPECS]
-    if unknown:
-        raise ConfigError(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(METHODS)}")
+    for name in methods:
+        split_variant(name)
     if not seeds or any(isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in seeds):
         raise ConfigError(f"seeds must be non-negative integers, got {list(seeds)}")
     return [t for t in SUITES[suite].tasks if t in wanted], methods, list(dict.fromkeys(seeds))
+
+
+def _run_config(recipe: Recipe, task: str, name: str, seed: int, overrides: Mapping[str, Any]) -> TrainConfig:
+    """One run's settings; a variant ``M@R`` runs method M with its rank fixed at R, above the recipe."""
+    method, rank = split_variant(name)
+    return train_config(recipe, task, method, dict(overrides, seed=seed) | ({"rank": rank} if rank else {}))
+
+
+def _plan(recipe: Recipe, tasks: Sequence[str], methods: Sequence[str], seeds: Sequence[int],
+          overrides: Mapping[str, Any], out: Path, tuned: Mapping[str, Mapping[str, Any]]) -> list[Run]:
+    """Every run, its settings resolved; a tuned (task, method) gets its searched settings as its own layer."""
+    runs = []
+    for t in tasks:
+        for m in methods:
+            mine = tuned_recipe(recipe, t, split_variant(m)[0], tuned[t][m]["settings"]) if tuned else recipe
+            runs += [Run(t, m, s, _run_config(mine, t, m, s, overrides), run_dir(out, t, m, s)) for s in seeds]
+    return runs
+
+
+def _tune_all(recipe: Recipe, tasks: Sequence[str], methods: Sequence[str], overrides: Mapping[str, Any],
+              trials: int, out: Path, data_root: Path, layout: str, backbone: str,
+              **options: Any) -> dict[str, dict[str, Any]]:
+    """Tune every (task, method) with the same ``trials``; returns task -> method -> the study's record."""
+    tuned: dict[str, dict[str, Any]] = {}
+    for i, (task, name) in enumerate([(t, m) for t in tasks for m in methods], 1):
+        record = tune_row(recipe, task, name, overrides, trials, out, DataSpec(str(data_root), task, layout),
+                          backbone, **options)
+        tuned.setdefault(task, {})[name] = record
+        shown = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in record["settings"].items())
+        _echo(f"tune [{i}/{len(tasks) * len(methods)}] {task} / {name}: val top-1 {100 * record['val_top1']:.2f}% "
+              f"(best of {trials} trials): {shown}")
+    return tuned
 
 
 def run_bench(suite: str, out: str | Path, *, data: str | Path | None = None, tasks: Sequence[str] | None = None,
               methods: Sequence[str] | None = None, seeds: Sequence[int] = (0,), backbone: str | None = None,
               checkpoint: str | Path | None = None, config: str | Path | None = None,
               overrides: Mapping[str, Any] | None = None, progress: bool = True, pretrained: bool = True,
-              max_steps_per_epoch: int | None = None, mini_test_size: int = 500) -> Path:
+              max_steps_per_epoch: int | None = None, mini_test_size: int = 500, tune: int | None = None,
+              search_space: str | Path | None = None) -> Path:
     """Train every (task, method, seed) not yet finished into ``out/runs/<task>/<method>/seed<k>/``, rebuilding
     the report in ``out`` after each; returns ``out``.
 
     ``config`` defaults to ``configs/<suite>.toml``; ``overrides`` (TrainConfig fields, e.g. epochs, protocol,
-    devices) beat it for every run. ``pretrained=False``, ``max_steps_per_epoch`` and ``mini_test_size`` make
-    tiny benches for tests. A run failing with an ArcvitError leaves ``error.txt`` and the bench goes on; the
-    next bench retries it.
+    devices) beat it for every run. A method may be a variant ``M@R`` (method M at rank R). ``tune=N`` first
+    tunes every (task, method) with N trials on validation (``search_space`` over the packaged one) and runs
+    the tuned settings. ``pretrained=False``, ``max_steps_per_epoch`` and ``mini_test_size`` make tiny benches
+    for tests. A run failing with an ArcvitError leaves ``error.txt`` and the bench goes on; the next bench
+    retries it.
     """
     if suite not in SUITE_RUNS:
         raise ConfigError(f"unknown suite {suite!r}; choose from {', '.join(SUITE_RUNS)}")
@@ -156,14 +192,27 @@ def run_bench(suite: str, out: str | Path, *, data: str | Path | None = None, ta
     recipe = suite_recipe(config_path, suite)
     identity = {"backbone": backbone or spec.backbone, "checkpoint": str(checkpoint) if checkpoint else None,
                 "pretrained": pretrained}
-    runs = [Run(t, m, s, train_config(recipe, t, m, dict(overrides or {}, seed=s)), run_dir(out, t, m, s))
-            for t in task_names for m in methods for s in seeds]
-    for run in runs:
-        _check_existing(run, identity)
+    overrides = dict(overrides or {})
+    if tune is not None and (isinstance(tune, bool) or not isinstance(tune, int) or tune < 1):
+        raise ConfigError(f"--tune must be a positive whole number of trials, got {tune!r}")
+    plan = partial(_plan, recipe, task_names, methods, seeds, overrides, out)
+    if tune is None:  # settings known now: refuse a mixed bench folder before building any data
+        for run in plan({}):
+            _check_existing(run, identity)
 
     data_root = _prepare_data(suite, data, out, task_names, mini_test_size)
+    tuning, tuned = None, {}
+    if tune is not None:
+        tuned = _tune_all(recipe, task_names, methods, overrides, tune, out, data_root, spec.layout,
+                          identity["backbone"], checkpoint=checkpoint, pretrained=pretrained, progress=progress,
+                          space_file=search_space, max_steps_per_epoch=max_steps_per_epoch)
+        tuning = {"trials": tune, "search_space": str(search_space or "packaged"), "tuned": tuned}
+    runs = plan(tuned)
+    for run in runs:
+        _check_existing(run, identity)
     _write_plan(out, {"suite": suite, **identity, "data": str(data_root), "config": str(config_path),
-                      "overrides": dict(overrides or {}), "tasks": task_names, "methods": methods, "seeds": seeds})
+                      "overrides": overrides, "tasks": task_names, "methods": methods, "seeds": seeds,
+                      "tuning": tuning})
     fit = partial(train, identity["backbone"], checkpoint=checkpoint, pretrained=pretrained, resume=True,
                   progress=progress, max_steps_per_epoch=max_steps_per_epoch)
     _report(out, suite)

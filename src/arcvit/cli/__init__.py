@@ -36,13 +36,17 @@ def _add_data(p: argparse.ArgumentParser, split: bool = False) -> None:
         p.add_argument("--split", default="test", help="split to evaluate (default: test)")
 
 
-def _train_flags(p: argparse.ArgumentParser) -> None:
+RECIPE_HELP = ("recipe (TOML/JSON): [defaults], [tasks.<task>], [methods.<method>], [tasks.<task>.methods.<method>], "
+               "most specific last; flags beat it")
+
+
+def _train_flags(p: argparse.ArgumentParser, config_help: str = RECIPE_HELP) -> None:
+    """--method, --config and one flag per TrainConfig setting."""
     from arcvit.methods import METHODS
     from arcvit.training.config import TrainConfig
     defaults = TrainConfig()
     p.add_argument("--method", default=defaults.method, choices=METHODS)
-    p.add_argument("--config", help="recipe (TOML/JSON): [defaults], [tasks.<task>], [methods.<method>], "
-                                    "[tasks.<task>.methods.<method>], most specific last; flags beat it")
+    p.add_argument("--config", help=config_help)
     for f in fields(TrainConfig):
         if f.name == "method":
             continue
@@ -236,6 +240,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_demo)
 
     from arcvit.cli.bench import add_bench_commands
+    from arcvit.cli.tune import add_tune_command
+    add_tune_command(sub)
     add_bench_commands(sub)
     return parser
 

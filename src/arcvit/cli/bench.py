@@ -18,7 +18,8 @@ def cmd_bench(args: argparse.Namespace) -> None:
     try:
         out = run_bench(args.suite, args.out or f"runs/bench_{args.suite}", data=args.data, tasks=args.tasks,
                         methods=args.methods, seeds=args.seeds, backbone=args.backbone, checkpoint=args.checkpoint,
-                        config=args.config, overrides=overrides, progress=not args.quiet)
+                        config=args.config, overrides=overrides, progress=not args.quiet, tune=args.tune,
+                        search_space=args.search_space)
     except KeyboardInterrupt:
         print("arcvit bench: interrupted; run the same command again to resume (finished runs are kept)",
               file=sys.stderr)
@@ -43,8 +44,9 @@ def add_bench_commands(sub: argparse._SubParsersAction) -> None:
                    help="mini: offline, built under OUT/data (or --data); vtab1k: 19 NOAH folders; fgvc: 5 VPT folders")
     p.add_argument("--data", help="data root holding the task folders (required for vtab1k and fgvc)")
     p.add_argument("--tasks", nargs="+", metavar="TASK", help="a subset of the suite's tasks (default: all)")
-    p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS), metavar="METHOD",
-                   help=f"default: all of {', '.join(METHODS)}")
+    p.add_argument("--methods", nargs="+", default=list(METHODS), metavar="METHOD",
+                   help=f"default: all of {', '.join(METHODS)}; METHOD@RANK runs a method at a fixed rank as its "
+                        "own row and joins its method's line in the plot (matched-parameter points: arc@4 lora@1)")
     p.add_argument("--seeds", nargs="+", type=int, default=[0], metavar="SEED", help="e.g. 0 1 2 (default: 0)")
     p.add_argument("--out", help="results folder (default: runs/bench_<suite>)")
     p.add_argument("--backbone", help=f"timm model name (default: {DEFAULT_BACKBONE} for mini, "
@@ -52,6 +54,9 @@ def add_bench_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--checkpoint", help="local weights for the backbone: .npz (Google ViT), .safetensors, .pth")
     p.add_argument("--config", help="suite recipe (TOML): [defaults], [methods.M], [tasks.T], [tasks.T.methods.M] "
                                     "TrainConfig settings, most specific last (default: configs/<suite>.toml)")
+    p.add_argument("--tune", type=int, metavar="N", help="first tune every (task, method) with the same N trials "
+                                                         "of `arcvit tune` on validation, then run the tuned settings")
+    p.add_argument("--search-space", metavar="FILE", help="with --tune: search space over the packaged one")
     p.add_argument("--epochs", type=int, help="override the schedule's length, keeping its warm-up fraction")
     p.add_argument("--protocol", choices=["final", "select"],
                    help="final: train on train+val, test after the last epoch; select: pick the epoch on val")
