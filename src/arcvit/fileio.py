@@ -22,10 +22,12 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     os.close(fd)
     umask = os.umask(0)
     os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would make results unreadable to others
     tmp_path = Path(tmp)
     try:
         yield tmp_path
+        # After the write: mkstemp's 0600, or that of a writer that replaces the file itself (safetensors'
+        # save_file does), would make results unreadable to others.
+        os.chmod(tmp_path, 0o666 & ~umask)
         with open(tmp_path, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp_path, path)
