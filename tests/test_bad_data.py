@@ -2,6 +2,7 @@
 data root, unreadable images skipped, single-class splits, classes never trained on. Small real files on disk."""
 from __future__ import annotations
 
+import json
 import re
 import warnings
 from pathlib import Path
@@ -141,3 +142,13 @@ def test_classes_missing_from_train_are_named(tmp_path):
     assert unseen == [2, 3] and len(caught) == 1 and "2 class(es) never appear in the training split" in caught[0]
     assert "2 (two), 3 (three)" in caught[0]
     assert data_warnings(lambda: warn_unseen_classes(train, train)) == []
+
+
+@pytest.mark.parametrize("entry, why", [("/etc/hostname", "absolute path"), ("../../../outside.png", "outside the data root")])
+def test_fgvc_entries_stay_inside_the_root(tmp_path, entry, why):
+    task = tmp_path / "root" / "Stanford-dogs"
+    (task / "Images").mkdir(parents=True)
+    Image.new("L", (4, 4)).save(task / "Images" / "a.png")
+    Image.new("L", (4, 4)).save(tmp_path / "outside.png")
+    (task / "train.json").write_text(json.dumps({"a.png": 3, entry: 5}))
+    data_error(lambda: load_split(tmp_path / "root", "dogs", "train", None), "train.json", repr(entry), why)

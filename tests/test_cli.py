@@ -180,8 +180,8 @@ def _write_bad_files(ws: Path, ns: dict) -> None:
         "class_names": config["extra"]["class_names"][:5]}}))
     a = adapter_copy("adapter_nan")  # a NaN in one adapter tensor, checksum edited to match
     with safe_open(a / WEIGHTS_NAME, framework="pt") as f:
-        metadata, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
-    first = sorted(k for k in tensors if k.startswith("site."))[0]
+        metadata, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (not a dict)
+    first = min(k for k in tensors if k.startswith("site."))
     tensors[first][0] = float("nan")
     save_file(tensors, a / WEIGHTS_NAME, metadata=metadata)
     (a / CONFIG_NAME).write_text(json.dumps(config | {"weights_sha256": _sha(a / WEIGHTS_NAME)}))
@@ -296,9 +296,9 @@ def test_train_warns_about_classes_missing_from_train(ws, capsys, tmp_path):
         lines = (task / f"{split}.txt").read_text().splitlines()
         (task / f"{split}.txt").write_text("".join(line.replace(" 5", " 4") + "\n" if line.endswith(" 5")
                                                    else line + "\n" for line in lines))
-    code, out, err = call(["train", *ws["bb"], "--data", tmp_path / "data", "--task", TINY_TASK, "--epochs", "1",
-                           "--warmup-epochs", "0", "--batch-size", "32", "--accelerator", "cpu", "--quiet",
-                           "--out", tmp_path / "run"], capsys)
+    code, _, err = call(["train", *ws["bb"], "--data", tmp_path / "data", "--task", TINY_TASK, "--epochs", "1",
+                         "--warmup-epochs", "0", "--batch-size", "32", "--accelerator", "cpu", "--quiet",
+                         "--out", tmp_path / "run"], capsys)
     assert code == 0, err
     warning = [line for line in err.splitlines() if "never appear in the training split" in line]
     assert len(warning) == 1 and warning[0].startswith("arcvit train: warning: VTAB-1k shapes_tiny/test")

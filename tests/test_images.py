@@ -138,5 +138,5 @@ def test_training_data_uses_the_decoder(tmp_path):
     grey16("I;16").save(task / "images" / "0.png")
     grey16("I;16").save(task / "images" / "1.png")
     (task / "test.txt").write_text("images/0.png 0\nimages/1.png 1\n")
-    image, label = load_split(tmp_path, "grey16", "test", None)[0]
+    image, _ = load_split(tmp_path, "grey16", "test", None)[0]
     grey_equals(np.asarray(image), EXPECTED)
