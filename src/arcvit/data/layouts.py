@@ -104,14 +104,17 @@ def _task_folder(root: Path, info: Task) -> Path | None:
     return root if task_key(root.name) == task_key(info.folder) else None
 
 
-def _list_entries(path: Path) -> list[tuple[int, str, int]]:
+def _list_entries(path: Path, strict: bool = True) -> list[tuple[int, str, int]]:
     """(line number, relative path, label) of each line of a VTAB-1k list file; the label follows the last
-    whitespace, so paths may contain spaces. Labels must be plain decimal integers."""
+    whitespace, so paths may contain spaces. Labels must be plain decimal integers; a malformed line is an
+    error, or (not ``strict``) left out."""
     entries = []
     for n, line in enumerate(_read_text(path, "list file").splitlines(), start=1):
         if not line.strip():
             continue
         parts = line.strip().rsplit(maxsplit=1)
+        if not strict and (len(parts) < 2 or not _DECIMAL.fullmatch(parts[1])):
+            continue
         if len(parts) < 2:
             raise DataError(f"{path}:{n}: expected '<relative/path> <integer label>', got {line!r}")
         if not _DECIMAL.fullmatch(parts[1]):
@@ -124,14 +127,15 @@ def _list_entries(path: Path) -> list[tuple[int, str, int]]:
 def _custom_vtab_task(folder: Path) -> Task | None:
     """A task folder in the VTAB-1k list layout that is not one of the 19 (e.g. arcvit's mini suite).
 
-    Its class count is the largest label in its list files plus one (so every split agrees on it);
+    Its class count is the largest label in its list files plus one (so every split agrees on it; a
+    malformed line is reported when its own split is loaded, not here);
     ``classes.txt`` (one name a line), when present, names the classes. A label beyond
     max(CUSTOM_CLASS_BOUND, 10 x the listed images, the names in classes.txt) is refused as a typo.
     """
     lists = [folder / m for m in _MARKERS["vtab"] if (folder / m).is_file()]
     if not lists:
         return None
-    entries = [(f, n, label) for f in lists for n, _, label in _list_entries(f)]
+    entries = [(f, n, label) for f in lists for n, _, label in _list_entries(f, strict=False)]
     if not entries:
         return Task(folder.name, 1, "custom")
     file, line, top = max(entries, key=lambda e: e[2])
