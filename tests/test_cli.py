@@ -608,3 +608,23 @@ def test_malicious_pickle_refused_by_the_real_command(ws, arcvit_cli, tmp_path):
     # the same file really does run code when unpickled unsafely: the test's pickle is a real attack
     torch.load(evil, weights_only=False)
     assert marker.exists()
+
+
+def test_hub_probe_goes_through_the_configured_proxy(monkeypatch):
+    """Behind a proxy the Hub's own host may be unreachable directly: the probe asks the proxy instead."""
+    import socket
+
+    from huggingface_hub import constants
+
+    from arcvit.backends.timm.hub import hub_reachable
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "ENDPOINT", "https://hub.invalid")  # a name that never resolves
+    for var in ("NO_PROXY", "no_proxy", "ALL_PROXY", "all_proxy", "HTTPS_PROXY"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("https_proxy", "")
+    assert not hub_reachable(timeout=1)
+    with socket.create_server(("127.0.0.1", 0)) as proxy:
+        monkeypatch.setenv("https_proxy", f"http://127.0.0.1:{proxy.getsockname()[1]}")
+        assert hub_reachable(timeout=1)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    assert not hub_reachable(timeout=1)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import socket
+import urllib.request
 from collections.abc import Iterator
 from urllib.parse import urlparse
 
@@ -27,11 +28,15 @@ def from_hub(name: str) -> bool:
 
 
 def hub_reachable(timeout: float = PROBE_TIMEOUT_S) -> bool:
-    """One TCP connection to the Hub's endpoint (``HF_ENDPOINT`` honoured); False when offline mode is set."""
+    """One TCP connection to the Hub's endpoint (``HF_ENDPOINT`` honoured), or to the proxy that the
+    environment (``HTTPS_PROXY``, ...) routes it through; False when offline mode is set."""
     from huggingface_hub import constants
     if constants.HF_HUB_OFFLINE:
         return False
     url = urlparse(constants.ENDPOINT)
+    proxy = urllib.request.getproxies().get(url.scheme)
+    if proxy and not urllib.request.proxy_bypass(url.hostname or ""):
+        url = urlparse(proxy if "://" in proxy else f"http://{proxy}")
     try:
         socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)),
                                  timeout=timeout).close()
