@@ -319,9 +319,9 @@ def test_merge_force_overwrites_and_records_a_checksum(ws, capsys, tmp_path):
     out.write_text("an old file")
     code, _, err = call(["merge", *ws["bb"], "--adapter", ws["adapter"], "--out", out, "--force"], capsys)
     assert code == 0, err
-    with safe_open(out, framework="pt") as f:
-        assert len(f.metadata()["tensors_sha256"]) == 64
-    assert _sha(out) == _sha(ws["merged"])  # the same merge, byte for byte
+    with safe_open(out, framework="pt") as new, safe_open(ws["merged"], framework="pt") as first:
+        assert len(new.metadata()["tensors_sha256"]) == 64
+        assert new.metadata() == first.metadata()  # the same merge (safetensors orders the header at random)
 
 
 def test_offline_hub_fails_fast_in_one_line(ws, capsys, tmp_path, monkeypatch):
