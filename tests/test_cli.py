@@ -14,10 +14,14 @@ import json
 import os
 import pickle
 import shutil
+import stat
+import struct
+import zlib
 from pathlib import Path
 
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import save_file
 
 from arcvit.cli import main
@@ -88,12 +92,9 @@ def call_quiet(argv: list) -> tuple[int, str, str]:
 
 
 def _copy_task(src: Path, dst: Path) -> Path:
-    """A copy of a VTAB-1k task's list files and classes.txt, its images folder linked."""
-    dst.mkdir(parents=True)
-    for f in src.iterdir():
-        if f.is_file():
-            shutil.copyfile(f, dst / f.name)
-    (dst / "images").symlink_to(src / "images", target_is_directory=True)
+    """A copy of a VTAB-1k task: list files, classes.txt and images (a symlink out of the data root would be
+    refused)."""
+    shutil.copytree(src, dst)
     return dst
 
 
@@ -136,8 +137,6 @@ def _write_bad_files(ws: Path, ns: dict) -> None:
     (t / "test.txt").write_text("")
     for name, image in (("corrupt_image", bad / "truncated.png"), ("non_image", bad / "not_an_image.png")):
         t = _copy_task(task, data / name / TINY_TASK)
-        (t / "images").unlink()
-        shutil.copytree(task / "images", t / "images")
         shutil.copyfile(image, t / "images" / "test" / "5.png")  # 5.png is listed in test.txt
         shutil.copyfile(image, t / "images" / "train800" / "7.png")  # ... and 7.png in train800.txt
     folder = data / "image_folder"  # an ImageFolder (train/ and test/) with a text file named .png
@@ -176,6 +175,45 @@ def _write_bad_files(ws: Path, ns: dict) -> None:
     shutil.copyfile(bad / "evil.pth", a / WEIGHTS_NAME)
     (a / CONFIG_NAME).write_text(json.dumps(config | {"weights_sha256": _sha(a / WEIGHTS_NAME)}))
     shutil.copyfile(ws / "pico.safetensors", bad / "plain_backbone.safetensors")  # not a merged checkpoint
+    a = adapter_copy("adapter_short_names")  # 5 class names for 6 classes
+    (a / CONFIG_NAME).write_text(json.dumps(config | {"extra": config["extra"] | {
+        "class_names": config["extra"]["class_names"][:5]}}))
+    a = adapter_copy("adapter_nan")  # a NaN in one adapter tensor, checksum edited to match
+    with safe_open(a / WEIGHTS_NAME, framework="pt") as f:
+        metadata, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (not a dict)
+    first = min(k for k in tensors if k.startswith("site."))
+    tensors[first][0] = float("nan")
+    save_file(tensors, a / WEIGHTS_NAME, metadata=metadata)
+    (a / CONFIG_NAME).write_text(json.dumps(config | {"weights_sha256": _sha(a / WEIGHTS_NAME)}))
+    flipped = bytearray(ns["merged"].read_bytes())
+    flipped[-3] ^= 0xFF  # in the last tensor's bytes: the header still parses
+    (bad / "merged_flipped.safetensors").write_bytes(bytes(flipped))
+    (bad / "bomb.png").write_bytes(_png_header_only(20_000, 20_000))
+    _write_bad_data(task, data)
+
+
+def _write_bad_data(task: Path, data: Path) -> None:
+    """Data sets whose labels or paths are wrong in ways int() or a plain path join would accept."""
+    t = _copy_task(task, data / "label_unicode" / TINY_TASK)
+    _edit_line(t / "test.txt", 3, "images/test/3.png \u0663\n")  # ARABIC-INDIC DIGIT THREE: int() takes it
+    t = _copy_task(task, data / "label_huge" / TINY_TASK)
+    _edit_line(t / "train800.txt", 6, "images/train800/6.png 100000000\n")
+    t = _copy_task(task, data / "path_absolute" / TINY_TASK)
+    _edit_line(t / "test.txt", 3, f"{task / 'images' / 'test' / '3.png'} 2\n")
+    t = _copy_task(task, data / "path_escape" / TINY_TASK)
+    _edit_line(t / "test.txt", 3, "../" * 40 + str(task.relative_to(task.anchor)) + "/images/test/3.png 2\n")
+    t = _copy_task(task, data / "path_symlink" / TINY_TASK)
+    (t / "outside").symlink_to(task / "images", target_is_directory=True)
+    _edit_line(t / "test.txt", 3, "outside/test/3.png 2\n")
+    _copy_task(task, data / "renamed" / "shapes_renamed")
+
+
+def _png_header_only(width: int, height: int) -> bytes:
+    """A PNG that claims ``width`` x ``height`` pixels and holds almost no data: a decompression bomb's header."""
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b""))
 
 
 def _sha(path: Path) -> str:
@@ -236,6 +274,70 @@ def test_eval_other_split_and_skip_corrupt(ws, capsys):
                            "--skip-corrupt"], capsys)
     assert code == 0, err
     assert json.loads(out)["images"] == 59  # the truncated image is dropped, not fatal
+    assert err.startswith("arcvit eval: warning: VTAB-1k shapes_tiny/test") and "skipped 1 unreadable image(s): " \
+        f"{bad / TINY_TASK / 'images' / 'test' / '5.png'} (" in err and len(err.splitlines()) == 1, err
+
+
+def test_adapter_on_another_task_warns_and_outside_root_allowed(ws, capsys):
+    data = ws["root"] / "bad" / "data"
+    code, out, err = call(["eval", *ws["bb"], "--adapter", ws["adapter"], "--data", data / "renamed",
+                           "--task", "shapes_renamed"], capsys)
+    assert code == 0 and json.loads(out)["images"] == 60
+    assert err == ("arcvit eval: warning: the adapter was trained on task 'shapes_tiny', evaluated here on "
+                   "'shapes_renamed'\n")
+    code, out, err = call(["eval", *ws["bb"], "--adapter", ws["adapter"], "--data", data / "path_symlink",
+                           "--task", TINY_TASK, "--allow-outside-root"], capsys)
+    assert code == 0 and json.loads(out)["images"] == 60 and err == "", err
+
+
+def test_train_warns_about_classes_missing_from_train(ws, capsys, tmp_path):
+    task = _copy_task(ws["data"] / TINY_TASK, tmp_path / "data" / TINY_TASK)
+    for split in ("train800", "val200", "train800val200"):  # no image of class 5 (six shapes) left to train on
+        lines = (task / f"{split}.txt").read_text().splitlines()
+        (task / f"{split}.txt").write_text("".join(line.replace(" 5", " 4") + "\n" if line.endswith(" 5")
+                                                   else line + "\n" for line in lines))
+    code, _, err = call(["train", *ws["bb"], "--data", tmp_path / "data", "--task", TINY_TASK, "--epochs", "1",
+                         "--warmup-epochs", "0", "--batch-size", "32", "--accelerator", "cpu", "--quiet",
+                         "--out", tmp_path / "run"], capsys)
+    assert code == 0, err
+    warning = [line for line in err.splitlines() if "never appear in the training split" in line]
+    assert len(warning) == 1 and warning[0].startswith("arcvit train: warning: VTAB-1k shapes_tiny/test")
+    assert warning[0].endswith(": 5 (6 shapes)"), warning[0]
+
+
+def test_outputs_follow_the_umask(ws):
+    """Written atomically through a 0600 temporary file, outputs still get the mode the umask gives."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in (ws["run"] / "results.json", ws["adapter"] / "adapter.safetensors",
+                 ws["adapter"] / "adapter_config.json", ws["merged"]):
+        assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask, path
+
+
+def test_merge_force_overwrites_and_records_a_checksum(ws, capsys, tmp_path):
+    out = tmp_path / "merged.safetensors"
+    out.write_text("an old file")
+    code, _, err = call(["merge", *ws["bb"], "--adapter", ws["adapter"], "--out", out, "--force"], capsys)
+    assert code == 0, err
+    with safe_open(out, framework="pt") as new, safe_open(ws["merged"], framework="pt") as first:
+        assert len(new.metadata()["tensors_sha256"]) == 64
+        assert new.metadata() == first.metadata()  # the same merge (safetensors orders the header at random)
+
+
+def test_offline_hub_fails_fast_in_one_line(ws, capsys, tmp_path, monkeypatch):
+    """Unreachable Hub: huggingface_hub's offline mode for the download (no retries), one line, then restored."""
+    from huggingface_hub import constants
+
+    from arcvit.backends.timm import hub
+    assert hub.from_hub("vit_base_patch16_224") and not hub.from_hub(BACKBONE)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "empty_cache"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(hub, "hub_reachable", lambda timeout=hub.PROBE_TIMEOUT_S: False)
+    code, _, err = call(["eval", "--backbone", "vit_tiny_patch16_224", "--adapter", ws["adapter"], "--data",
+                         ws["data"], "--task", TINY_TASK], capsys)
+    assert code == 1 and len(err.splitlines()) == 1, err
+    assert "'vit_tiny_patch16_224': the Hugging Face Hub is unreachable" in err and "--checkpoint" in err
+    assert constants.HF_HUB_OFFLINE is False
 
 
 def test_predict_adapter_and_merged_agree(ws, capsys):
@@ -266,6 +368,18 @@ def test_params_vit_base(capsys):
     code, out, err = call(["params", "--backbone", "vit_base_patch16_224", "--num-classes", "100",
                            "--method", "arc_att"], capsys)
     assert code == 0 and json.loads(out)["adapter_params"] == 48_216
+
+
+def test_params_lora_counts_its_matrices_and_one_head(capsys):
+    """LoRA r=8 on each block's qkv and fc1 (ARC's sites): 12 x 8 x ((768 + 2304) + (768 + 3072)); PEFT's trained
+    copy of the head is counted once."""
+    code, out, err = call(["params", "--backbone", "vit_base_patch16_224", "--num-classes", "100",
+                           "--method", "lora"], capsys)
+    assert code == 0, err
+    info = json.loads(out)
+    assert info["adapter_params"] == 12 * 8 * (768 + 2304 + 768 + 3072) == 663_552
+    assert info["head_params"] == 76_900
+    assert info["trainable_params"] == 663_552 + 76_900
 
 
 # ----------------------------------------------------------------------------------------------- bad inputs
@@ -316,6 +430,18 @@ BAD_CASES = [
                             "--task", "svhn"], 1, ["test.txt:4", "label 12 outside 0..9"]),
     ("label_negative", [*E, "--data", BAD + "/data/label_neg"], 1, ["test.txt:4", "label -1 outside 0..5"]),
     ("label_not_integer", [*E, "--data", BAD + "/data/label_text"], 1, ["test.txt:4", "three"]),
+    ("label_unicode_digit", [*E, "--data", BAD + "/data/label_unicode"], 1,
+     ["test.txt:4", "'\u0663' is not a decimal integer"]),
+    ("label_huge_typo", [*E, "--data", BAD + "/data/label_huge"], 1,
+     ["label 100000000 on", "train800.txt:7", "is larger than"]),
+    ("list_path_absolute", [*E, "--data", BAD + "/data/path_absolute"], 1,
+     ["test.txt:4", "absolute path", "--allow-outside-root"]),
+    ("list_path_escape", [*E, "--data", BAD + "/data/path_escape"], 1,
+     ["test.txt:4", "outside the data root", "--allow-outside-root"]),
+    ("list_path_symlink_out", [*E, "--data", BAD + "/data/path_symlink"], 1,
+     ["test.txt:4", "outside/test/3.png", "outside the data root"]),
+    ("task_outside_root", [*E[:-1], "../" + TINY_TASK, "--data", BAD + "/data/label_neg"], 1,
+     ["--task", "outside the data root"]),
     ("class_names_count", [*E, "--data", BAD + "/data/class_names"], 1, ["classes.txt", "5 names for 6 classes"]),
     ("eval_other_task_classes", ["eval", "{bb}", "--adapter", "{adapter}", "--data", "{mini}", "--task", "mnist5k"],
      1, ["mnist5k", "10 classes", "adapter has 6"]),
@@ -336,8 +462,32 @@ BAD_CASES = [
     ("adapter_no_config", [*ED[:3], BAD + "/adapter_no_config", *ED[4:]], 1, ["adapter_config.json", "missing"]),
     ("adapter_config_not_json", [*ED[:3], BAD + "/adapter_not_json", *ED[4:]], 1,
      ["adapter_config.json", "not valid JSON"]),
-    ("merge_adapter_other_rank", ["merge", "{bb}", "--adapter", BAD + "/adapter_other_rank", "--out", "{merged}"],
+    ("merge_adapter_other_rank", ["merge", "{bb}", "--adapter", BAD + "/adapter_other_rank", "--out", "{merged}",
+                                  "--force"],
      1, ["adapter.safetensors", "another rank"]),
+    ("adapter_class_names_short", [*ED[:3], BAD + "/adapter_short_names", *ED[4:]], 1,
+     ["adapter_config.json", "5 names for num_classes 6"]),
+    ("merged_flipped_byte", ["eval", "--merged", BAD + "/merged_flipped.safetensors", "--data", "{data}",
+                             "--task", TINY_TASK], 1, ["merged_flipped.safetensors", "checksum mismatch"]),
+    ("merge_nonfinite", ["merge", "{bb}", "--adapter", BAD + "/adapter_nan", "--out", "{new_run}.safetensors"], 1,
+     ["not written", "non-finite"]),
+    ("predict_nonfinite", ["predict", "{bb}", "--adapter", BAD + "/adapter_nan", "{data}/" + TINY_TASK +
+                           "/images/test/0.png"], 1, ["0.png", "not finite"]),
+    ("predict_decompression_bomb", ["predict", "{bb}", "--adapter", "{adapter}", BAD + "/bomb.png"], 1,
+     ["bomb.png", "refused", "decompression bomb"]),
+    ("merge_out_exists", ["merge", "{bb}", "--adapter", "{adapter}", "--out", "{merged}"], 1,
+     ["merged.safetensors", "exists", "--force"]),
+    ("merge_out_is_its_adapter", ["merge", "{bb}", "--adapter", "{adapter}", "--out",
+                                  "{adapter}/adapter.safetensors", "--force"], 1, ["adapter.safetensors", "never"]),
+    ("merge_out_is_its_checkpoint", ["merge", "{bb}", "--adapter", "{adapter}", "--out", "{root}/pico.safetensors",
+                                     "--force"], 1, ["pico.safetensors", "never"]),
+    ("merge_no_adapter", ["merge", "{bb}", "--out", "{new_run}.safetensors"], 2, ["--adapter", "required"]),
+    ("out_empty", [*T[:-1], ""], 1, ["--out", "empty"]),
+    *([("train_cuda_without_gpu", [*T[:-4], "cuda", *T[-3:]], 1, ["--accelerator cuda", "no CUDA GPU"]),
+       ("eval_cuda_without_gpu", [*ED, "--accelerator", "cuda"], 1, ["--accelerator cuda", "no CUDA GPU"]),
+       ("predict_cuda_without_gpu", ["predict", "{bb}", "--adapter", "{adapter}", "--accelerator", "cuda",
+                                     "{data}/" + TINY_TASK + "/images/test/0.png"], 1,
+        ["--accelerator cuda", "no CUDA GPU"])] if not torch.cuda.is_available() else []),
     ("merged_not_merged", ["eval", "--merged", BAD + "/plain_backbone.safetensors", "--data", "{data}",
                            "--task", TINY_TASK], 1, ["plain_backbone.safetensors", "not a merged arcvit checkpoint"]),
     # pickles disguised as checkpoints: refused, never unpickled (the marker file is checked after each case)
@@ -458,3 +608,23 @@ def test_malicious_pickle_refused_by_the_real_command(ws, arcvit_cli, tmp_path):
     # the same file really does run code when unpickled unsafely: the test's pickle is a real attack
     torch.load(evil, weights_only=False)
     assert marker.exists()
+
+
+def test_hub_probe_goes_through_the_configured_proxy(monkeypatch):
+    """Behind a proxy the Hub's own host may be unreachable directly: the probe asks the proxy instead."""
+    import socket
+
+    from huggingface_hub import constants
+
+    from arcvit.backends.timm.hub import hub_reachable
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "ENDPOINT", "https://hub.invalid")  # a name that never resolves
+    for var in ("NO_PROXY", "no_proxy", "ALL_PROXY", "all_proxy", "HTTPS_PROXY"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("https_proxy", "")
+    assert not hub_reachable(timeout=1)
+    with socket.create_server(("127.0.0.1", 0)) as proxy:
+        monkeypatch.setenv("https_proxy", f"http://127.0.0.1:{proxy.getsockname()[1]}")
+        assert hub_reachable(timeout=1)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    assert not hub_reachable(timeout=1)

@@ -27,3 +27,8 @@ class ConfigError(ArcvitError):
 class TrainingDiverged(ArcvitError):
     """The loss or the gradients stopped being finite numbers: the settings (usually the learning rate) do not
     train this model."""
+
+
+class DataWarning(UserWarning):
+    """Data that is probably, not certainly, a mistake (a single-class split, a class never trained on,
+    images dropped as unreadable): the run goes on, and the CLI prints it as one line on stderr."""

@@ -7,7 +7,7 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 from safetensors.torch import save_file
@@ -22,10 +22,12 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     os.close(fd)
     umask = os.umask(0)
     os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would make results unreadable to others
     tmp_path = Path(tmp)
     try:
         yield tmp_path
+        # After the write: mkstemp's 0600, or that of a writer that replaces the file itself (safetensors'
+        # save_file does), would make results unreadable to others.
+        os.chmod(tmp_path, 0o666 & ~umask)
         with open(tmp_path, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp_path, path)
@@ -54,4 +56,16 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
     with open(path, "rb") as f:
         while block := f.read(chunk):
             h.update(block)
+    return h.hexdigest()
+
+
+def tensors_sha256(names: Iterable[str], get: Callable[[str], torch.Tensor]) -> str:
+    """sha256 over (name, dtype, shape, bytes) of each tensor ``get(name)``, in name order: identifies a state
+    dict's content independently of a file's layout, so the checksum can travel in that file's own header.
+    Tensors are fetched one at a time (``get`` may read them lazily from a file)."""
+    h = hashlib.sha256()
+    for name in sorted(names):
+        t = get(name).detach().contiguous().cpu()
+        h.update(f"{name}\0{t.dtype}\0{tuple(t.shape)}\0".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()

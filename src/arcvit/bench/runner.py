@@ -8,7 +8,7 @@ a rerun whose settings differ from a run already there stops before training any
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -152,13 +152,13 @@ def _plan(recipe: Recipe, tasks: Sequence[str], methods: Sequence[str], seeds: S
 
 
 def _tune_all(recipe: Recipe, tasks: Sequence[str], methods: Sequence[str], overrides: Mapping[str, Any],
-              trials: int, out: Path, data_root: Path, layout: str, backbone: str,
+              trials: int, out: Path, data: DataSpec, backbone: str,
               **options: Any) -> dict[str, dict[str, Any]]:
-    """Tune every (task, method) with the same ``trials``; returns task -> method -> the study's record."""
+    """Tune every (task, method) with the same ``trials`` on ``data`` (its task replaced by each of ``tasks``);
+    returns task -> method -> the study's record."""
     tuned: dict[str, dict[str, Any]] = {}
     for i, (task, name) in enumerate([(t, m) for t in tasks for m in methods], 1):
-        record = tune_row(recipe, task, name, overrides, trials, out, DataSpec(str(data_root), task, layout),
-                          backbone, **options)
+        record = tune_row(recipe, task, name, overrides, trials, out, replace(data, task=task), backbone, **options)
         tuned.setdefault(task, {})[name] = record
         shown = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in record["settings"].items())
         _echo(f"tune [{i}/{len(tasks) * len(methods)}] {task} / {name}: val top-1 {100 * record['val_top1']:.2f}% "
@@ -171,7 +171,7 @@ def run_bench(suite: str, out: str | Path, *, data: str | Path | None = None, ta
               checkpoint: str | Path | None = None, config: str | Path | None = None,
               overrides: Mapping[str, Any] | None = None, progress: bool = True, pretrained: bool = True,
               max_steps_per_epoch: int | None = None, mini_test_size: int = 500, tune: int | None = None,
-              search_space: str | Path | None = None) -> Path:
+              search_space: str | Path | None = None, allow_outside_root: bool = False) -> Path:
     """Train every (task, method, seed) not yet finished into ``out/runs/<task>/<method>/seed<k>/``, rebuilding
     the report in ``out`` after each; returns ``out``.
 
@@ -180,7 +180,7 @@ def run_bench(suite: str, out: str | Path, *, data: str | Path | None = None, ta
     tunes every (task, method) with N trials on validation (``search_space`` over the packaged one) and runs
     the tuned settings. ``pretrained=False``, ``max_steps_per_epoch`` and ``mini_test_size`` make tiny benches
     for tests. A run failing with an ArcvitError leaves ``error.txt`` and the bench goes on; the next bench
-    retries it.
+    retries it. ``allow_outside_root``: list files may name images outside ``data``.
     """
     if suite not in SUITE_RUNS:
         raise ConfigError(f"unknown suite {suite!r}; choose from {', '.join(SUITE_RUNS)}")
@@ -200,17 +200,18 @@ def run_bench(suite: str, out: str | Path, *, data: str | Path | None = None, ta
         for run in plan({}):
             _check_existing(run, identity)
 
-    data_root = _prepare_data(suite, data, out, task_names, mini_test_size)
+    data_spec = DataSpec(str(_prepare_data(suite, data, out, task_names, mini_test_size)), "", spec.layout,
+                         allow_outside_root=allow_outside_root)
     tuning, tuned = None, {}
     if tune is not None:
-        tuned = _tune_all(recipe, task_names, methods, overrides, tune, out, data_root, spec.layout,
+        tuned = _tune_all(recipe, task_names, methods, overrides, tune, out, data_spec,
                           identity["backbone"], checkpoint=checkpoint, pretrained=pretrained, progress=progress,
                           space_file=search_space, max_steps_per_epoch=max_steps_per_epoch)
         tuning = {"trials": tune, "search_space": str(search_space or "packaged"), "tuned": tuned}
     runs = plan(tuned)
     for run in runs:
         _check_existing(run, identity)
-    _write_plan(out, {"suite": suite, **identity, "data": str(data_root), "config": str(config_path),
+    _write_plan(out, {"suite": suite, **identity, "data": data_spec.root, "config": str(config_path),
                       "overrides": overrides, "tasks": task_names, "methods": methods, "seeds": seeds,
                       "tuning": tuning})
     fit = partial(train, identity["backbone"], checkpoint=checkpoint, pretrained=pretrained, resume=True,
@@ -223,7 +224,7 @@ def run_bench(suite: str, out: str | Path, *, data: str | Path | None = None, ta
             continue
         (run.dir / ERROR_FILE).unlink(missing_ok=True)
         try:
-            results = fit(DataSpec(str(data_root), run.task, spec.layout), run.cfg, run.dir)
+            results = fit(replace(data_spec, task=run.task), run.cfg, run.dir)
             outcome = (f"top-1 {100 * results['test_top1']:.2f}%, {results['trainable_params']:,} trainable, "
                        f"{results['wall_time_s']:.0f}s")
         except ArcvitError as e:

@@ -3,13 +3,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+import warnings
 from dataclasses import fields
 from pathlib import Path
 from typing import Any, Sequence
 
-from arcvit.errors import ArcvitError, ConfigError
 from arcvit.backends.timm.zoo import DEFAULT_BACKBONE
+from arcvit.errors import ArcvitError, ConfigError, DataWarning, ModelError
 
 
 class _Parser(argparse.ArgumentParser):
@@ -32,6 +34,8 @@ def _add_data(p: argparse.ArgumentParser, split: bool = False) -> None:
     p.add_argument("--task", default="", help="task name under the data root, e.g. cifar, dtd, cub (aliases ok)")
     p.add_argument("--layout", default="auto", choices=["auto", "vtab", "fgvc", "folder"])
     p.add_argument("--skip-corrupt", action="store_true", help="drop unreadable images and report them")
+    p.add_argument("--allow-outside-root", action="store_true",
+                   help="let list files name images outside --data (absolute paths, '..', symlinks out)")
     if split:
         p.add_argument("--split", default="test", help="split to evaluate (default: test)")
 
@@ -73,7 +77,8 @@ def _train_config(args: argparse.Namespace):
 def cmd_train(args: argparse.Namespace) -> None:
     from arcvit.training.config import DataSpec
     from arcvit.training.loop import train
-    results = train(args.backbone, DataSpec(args.data, args.task, args.layout, args.skip_corrupt),
+    results = train(args.backbone, DataSpec(args.data, args.task, args.layout, args.skip_corrupt,
+                                            args.allow_outside_root),
                     _train_config(args), args.out, checkpoint=args.checkpoint, pretrained=not args.random_init,
                     resume=args.resume,
                     progress=not args.quiet)
@@ -83,10 +88,11 @@ def cmd_train(args: argparse.Namespace) -> None:
 def _adapted_model(args: argparse.Namespace):
     """The backbone with the adapter from ``--adapter`` loaded (or a merged checkpoint from ``--merged``)."""
     import arcvit
-    from arcvit.core.adapter_file import read_adapter_config
     from arcvit.backends.timm.create import create_backbone
+    from arcvit.core.adapter_file import read_adapter_config
+    from arcvit.core.merged_file import read_merged_info
     if args.merged:
-        meta = _merged_meta(args.merged)
+        meta = read_merged_info(args.merged)
         return create_backbone(meta["backbone"], meta["num_classes"], checkpoint=args.merged), meta
     meta = read_adapter_config(args.adapter)
     model = create_backbone(args.backbone, meta["num_classes"], checkpoint=args.checkpoint,
@@ -95,16 +101,13 @@ def _adapted_model(args: argparse.Namespace):
     return model, meta
 
 
-def _merged_meta(path: str) -> dict[str, Any]:
-    from safetensors import SafetensorError, safe_open
-    try:
-        with safe_open(path, framework="pt") as f:
-            meta = f.metadata() or {}
-    except (SafetensorError, OSError) as e:
-        raise ConfigError(f"{path}: not a readable safetensors file ({e})") from None
-    if "arcvit_merged" not in meta:
-        raise ConfigError(f"{path}: not a merged arcvit checkpoint (write one with `arcvit merge`)")
-    return json.loads(meta["arcvit_merged"])
+def _warn_other_task(meta: dict[str, Any], task: str, data: str) -> None:
+    """An adapter records the task it was trained on; evaluating it on another one is worth a line."""
+    from arcvit.data.layouts import task_key
+    trained = (meta.get("extra") or {}).get("task") or meta.get("task")
+    asked = task or Path(data).name
+    if trained and task_key(trained) != task_key(asked):
+        warnings.warn(f"the adapter was trained on task {trained!r}, evaluated here on {asked!r}", DataWarning)
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
@@ -113,30 +116,47 @@ def cmd_eval(args: argparse.Namespace) -> None:
     import arcvit
     from arcvit.data.layouts import load_split
     from arcvit.data.transforms import build_transform
+    from arcvit.training.devices import require_accelerator
     from arcvit.training.loop import evaluate
     if args.batch_size < 1:
         raise ConfigError(f"--batch-size must be positive, got {args.batch_size}")
+    require_accelerator(args.accelerator)
     model, meta = _adapted_model(args)
     if args.merge and not args.merged:
         model = arcvit.merge(model)
     dataset = load_split(args.data, args.task, args.split, build_transform(model, recipe=args.recipe, train=False),
-                         layout=args.layout, skip_corrupt=args.skip_corrupt)
+                         layout=args.layout, skip_corrupt=args.skip_corrupt,
+                         allow_outside_root=args.allow_outside_root)
     if dataset.num_classes != meta["num_classes"]:
         raise ConfigError(f"{dataset.source}: {dataset.num_classes} classes, but the "
                           f"{'merged checkpoint' if args.merged else 'adapter'} has {meta['num_classes']}: "
                           "it was trained on another task")
-    fabric = Fabric(accelerator="auto", devices=1)
+    _warn_other_task(meta, args.task, args.data)
+    fabric = Fabric(accelerator=args.accelerator, devices=1)
     top1 = evaluate(fabric, fabric.setup_module(model), dataset, args.batch_size)
     print(json.dumps({"split": args.split, "images": len(dataset), "top1": round(top1, 6)}))
+
+
+def _check_merge_out(out: Path, args: argparse.Namespace) -> None:
+    """``--out`` is a new file, or an existing one with ``--force``; never a file that merge reads."""
+    if out.is_dir():
+        raise ConfigError(f"{out}: is a folder; --out names the merged .safetensors file to write")
+    if not out.exists():
+        return
+    inputs = [*Path(args.adapter).glob("*"), *([Path(args.checkpoint)] if args.checkpoint else [])]
+    if any(p.exists() and os.path.samefile(out, p) for p in inputs):
+        raise ConfigError(f"{out}: is a file merge reads (in --adapter, or --checkpoint); it is never "
+                          "overwritten, even with --force: choose another --out")
+    if not args.force:
+        raise ConfigError(f"{out}: exists; pass --force to overwrite it")
 
 
 def cmd_merge(args: argparse.Namespace) -> None:
     import torch
 
     import arcvit
-    from arcvit.fileio import write_safetensors
-    if Path(args.out).is_dir():
-        raise ConfigError(f"{args.out}: is a folder; --out names the merged .safetensors file to write")
+    from arcvit.core.merged_file import write_merged
+    _check_merge_out(Path(args.out), args)
     model, meta = _adapted_model(args)
     model.eval()
     merged = arcvit.merge(model, inplace=args.inplace)
@@ -145,31 +165,34 @@ def cmd_merge(args: argparse.Namespace) -> None:
     with torch.no_grad():
         diff = (merged(x) - model(x)).abs().max().item() if not args.inplace else 0.0
     info = {"backbone": args.backbone, "num_classes": meta["num_classes"],
-            "class_names": meta.get("extra", {}).get("class_names"), "source_adapter": str(args.adapter)}
-    write_safetensors(args.out, merged.state_dict(), metadata={"arcvit_merged": json.dumps(info)})
+            "class_names": meta.get("extra", {}).get("class_names"), "task": meta.get("extra", {}).get("task"),
+            "source_adapter": str(args.adapter)}
+    write_merged(args.out, merged.state_dict(), info)
     print(json.dumps({"out": args.out, "max_abs_logit_diff": diff, **info}))
 
 
 def cmd_predict(args: argparse.Namespace) -> None:
     import torch
-    from PIL import Image, UnidentifiedImageError
 
     import arcvit
+    from arcvit.data.images import open_rgb
     from arcvit.data.transforms import build_transform
+    from arcvit.training.devices import torch_device
+    device = torch_device(args.accelerator)
     model, meta = _adapted_model(args)
     if args.merge and not args.merged:
         model = arcvit.merge(model)
-    model.eval()
+    model.eval().to(device)
     transform = build_transform(model, recipe=args.recipe, train=False)
     names = meta.get("class_names") or meta.get("extra", {}).get("class_names")
     for path in args.images:
-        try:
-            with Image.open(path) as image:
-                x = transform(image.convert("RGB")).unsqueeze(0)
-        except (OSError, UnidentifiedImageError) as e:
-            raise ConfigError(f"{path}: cannot read image ({e})") from None
+        x = transform(open_rgb(path)).unsqueeze(0).to(device)
         with torch.no_grad():
-            probs = model(x).softmax(-1)[0]
+            logits = model(x)[0].float()
+        if not bool(torch.isfinite(logits).all()):
+            raise ModelError(f"{path}: the model's output is not finite (NaN/inf logits): the adapter or "
+                             "checkpoint holds non-finite weights")
+        probs = logits.softmax(-1)
         label = int(probs.argmax())
         print(json.dumps({"image": path, "label": label, "class": names[label] if names else str(label),
                           "prob": round(probs[label].item(), 4)}))
@@ -206,12 +229,13 @@ def build_parser() -> argparse.ArgumentParser:
                              ("merge", cmd_merge, "fold an adapter into the backbone: a plain timm checkpoint")):
         p = sub.add_parser(name, help=text)
         _add_backbone(p)
-        source = p.add_mutually_exclusive_group(required=name != "merge")
+        source = p.add_mutually_exclusive_group(required=True)
         source.add_argument("--adapter", help="adapter folder written by `arcvit train` (adapter/)")
         if name != "merge":
             source.add_argument("--merged", help="merged checkpoint written by `arcvit merge`")
             p.add_argument("--merge", action="store_true", help="merge the adapter before running")
             p.add_argument("--recipe", default="timm", choices=["timm", "paper"])
+            p.add_argument("--accelerator", default="auto", choices=["auto", "cpu", "cuda", "gpu", "mps"])
         if name == "eval":
             _add_data(p, split=True)
             p.add_argument("--batch-size", type=int, default=256)
@@ -220,6 +244,7 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "merge":
             p.set_defaults(merged=None)
             p.add_argument("--out", required=True, help="output .safetensors")
+            p.add_argument("--force", action="store_true", help="overwrite --out if it exists")
             p.add_argument("--inplace", action="store_true", help="merge without a second copy (large models)")
         p.set_defaults(func=func)
 
@@ -246,11 +271,32 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _check_out(args: argparse.Namespace) -> None:
+    if getattr(args, "out", None) is not None and not str(args.out).strip():
+        raise ConfigError("--out is empty; name the file or folder to write")
+
+
+def _show_warning(command: str):
+    """``warnings.showwarning`` for the CLI: arcvit's data warnings as one line each on stderr."""
+    default = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None) -> None:
+        if issubclass(category, DataWarning):
+            print(f"arcvit {command}: warning: {message}", file=sys.stderr)
+        else:
+            default(message, category, filename, lineno, file, line)
+    return show
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        args.func(args)
+        with warnings.catch_warnings():
+            warnings.simplefilter("always", DataWarning)
+            warnings.showwarning = _show_warning(args.command)
+            _check_out(args)
+            args.func(args)
     except ArcvitError as e:
         print(f"arcvit {args.command}: error: {e}", file=sys.stderr)
         return 1

@@ -19,7 +19,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
         out = run_bench(args.suite, args.out or f"runs/bench_{args.suite}", data=args.data, tasks=args.tasks,
                         methods=args.methods, seeds=args.seeds, backbone=args.backbone, checkpoint=args.checkpoint,
                         config=args.config, overrides=overrides, progress=not args.quiet, tune=args.tune,
-                        search_space=args.search_space)
+                        search_space=args.search_space, allow_outside_root=args.allow_outside_root)
     except KeyboardInterrupt:
         print("arcvit bench: interrupted; run the same command again to resume (finished runs are kept)",
               file=sys.stderr)
@@ -43,6 +43,8 @@ def add_bench_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--suite", required=True, choices=SUITE_RUNS,
                    help="mini: offline, built under OUT/data (or --data); vtab1k: 19 NOAH folders; fgvc: 5 VPT folders")
     p.add_argument("--data", help="data root holding the task folders (required for vtab1k and fgvc)")
+    p.add_argument("--allow-outside-root", action="store_true",
+                   help="let list files name images outside --data (absolute paths, '..', symlinks out)")
     p.add_argument("--tasks", nargs="+", metavar="TASK", help="a subset of the suite's tasks (default: all)")
     p.add_argument("--methods", nargs="+", default=list(METHODS), metavar="METHOD",
                    help=f"default: all of {', '.join(METHODS)}; METHOD@RANK runs a method at a fixed rank as its "

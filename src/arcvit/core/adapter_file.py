@@ -122,7 +122,20 @@ def read_adapter_config(directory: str | Path) -> dict:
     except (KeyError, TypeError, ArcvitError) as e:
         raise AdapterFileError(f"{path}: bad arc_config ({e})") from None
     meta["backbone"].setdefault("library", "timm")  # version 1 was timm-only
+    _check_class_names(path, meta)
     return meta
+
+
+def _check_class_names(path: Path, meta: dict) -> None:
+    """``extra.class_names``, when present, names each class exactly once: a short list would make a
+    prediction's class name an IndexError (or, for a long one, silently the wrong name)."""
+    names = (meta.get("extra") or {}).get("class_names")
+    if names is None or meta.get("num_classes") is None:
+        return
+    if not isinstance(names, list) or len(names) != meta["num_classes"]:
+        count = len(names) if isinstance(names, list) else type(names).__name__
+        raise AdapterFileError(f"{path}: extra.class_names holds {count} names for num_classes "
+                               f"{meta['num_classes']}")
 
 
 def read_adapter(directory: str | Path) -> AdapterContents:

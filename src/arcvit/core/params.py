@@ -21,13 +21,25 @@ def arc_parameter_count(stage_dims: Sequence[int], stage_depths: Sequence[int], 
 
 
 def parameter_breakdown(model: nn.Module) -> dict[str, int]:
-    """Total, trainable, adapter and head parameter counts of a model (shared tensors counted once)."""
+    """Total, trainable, adapter and head parameter counts of a model (shared tensors counted once).
+
+    ``head``: the classifier's trainable parameters (all of them when none train), so that a wrapper that
+    trains a copy of the head beside the frozen original (PEFT's ``modules_to_save``) counts it once.
+    ``adapter``: ARC's parameters; for another method, what it trains besides the head (LoRA's matrices,
+    BitFit's biases, ...). A wrapper with ``get_base_model()`` (PEFT's) is counted through the model it wraps,
+    whose library arcvit knows.
+    """
+    model = model.get_base_model() if callable(getattr(model, "get_base_model", None)) else model
     params = dict(model.named_parameters())
+    head_names = head_parameter_names(model)
+    trained_head = [n for n in head_names if params[n].requires_grad] or list(head_names)
+    adapter = adapter_parameter_names(model) or [n for n, p in params.items()
+                                                 if p.requires_grad and n not in head_names]
     return {
         "total": sum(p.numel() for p in params.values()),
         "trainable": sum(p.numel() for p in params.values() if p.requires_grad),
-        "adapter": sum(params[n].numel() for n in adapter_parameter_names(model)),
-        "head": sum(params[n].numel() for n in head_parameter_names(model)),
+        "adapter": sum(params[n].numel() for n in adapter),
+        "head": sum(params[n].numel() for n in trained_head),
     }
 
 

@@ -13,15 +13,17 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from PIL import Image
 from torch.utils.data import Dataset
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
-from arcvit.errors import ConfigError, DataError
+from arcvit.data.images import image_problem, open_rgb
+from arcvit.errors import ConfigError, DataError, DataWarning
 
 
 @dataclass(frozen=True)
@@ -68,6 +70,11 @@ VTAB_SPLITS = ("train800", "val200", "train800val200", "test")
 FGVC_FILES = ("train", "val", "test")
 FGVC_SPLITS = {"train": ("train",), "val": ("val",), "test": ("test",), "trainval": ("train", "val")}
 LAYOUTS = ("auto", "vtab", "fgvc", "folder")
+# A custom task takes its class count from its largest label; beyond this many classes (or 10 per listed
+# image, if more) a label is taken for a typo rather than a head of that size.
+CUSTOM_CLASS_BOUND = 1000
+_DECIMAL = re.compile(r"-?[0-9]+")  # ASCII digits only: int() would also take '٣', '+1', ' 1', '1_0'
+
 # Files whose presence in a task folder identifies its layout.
 _MARKERS = {"vtab": tuple(f"{s}.txt" for s in VTAB_SPLITS), "fgvc": ("train.json",)}
 
@@ -97,29 +104,64 @@ def _task_folder(root: Path, info: Task) -> Path | None:
     return root if task_key(root.name) == task_key(info.folder) else None
 
 
+def _list_entries(path: Path, strict: bool = True) -> list[tuple[int, str, int]]:
+    """(line number, relative path, label) of each line of a VTAB-1k list file; the label follows the last
+    whitespace, so paths may contain spaces. Labels must be plain decimal integers; a malformed line is an
+    error, or (not ``strict``) left out."""
+    entries = []
+    for n, line in enumerate(_read_text(path, "list file").splitlines(), start=1):
+        if not line.strip():
+            continue
+        parts = line.strip().rsplit(maxsplit=1)
+        if not strict and (len(parts) < 2 or not _DECIMAL.fullmatch(parts[1])):
+            continue
+        if len(parts) < 2:
+            raise DataError(f"{path}:{n}: expected '<relative/path> <integer label>', got {line!r}")
+        if not _DECIMAL.fullmatch(parts[1]):
+            raise DataError(f"{path}:{n}: label {parts[1]!r} is not a decimal integer (ASCII digits 0-9 only); "
+                            f"expected '<relative/path> <integer label>', got {line!r}")
+        entries.append((n, parts[0], int(parts[1])))
+    return entries
+
+
 def _custom_vtab_task(folder: Path) -> Task | None:
     """A task folder in the VTAB-1k list layout that is not one of the 19 (e.g. arcvit's mini suite).
 
-    Its class count is the largest label in its list files plus one; ``classes.txt`` (one name a line),
-    when present, names the classes.
+    Its class count is the largest label in its list files plus one (so every split agrees on it; a
+    malformed line is reported when its own split is loaded, not here);
+    ``classes.txt`` (one name a line), when present, names the classes. A label beyond
+    max(CUSTOM_CLASS_BOUND, 10 x the listed images, the names in classes.txt) is refused as a typo.
     """
     lists = [folder / m for m in _MARKERS["vtab"] if (folder / m).is_file()]
     if not lists:
         return None
-    labels = [line.rsplit(maxsplit=1)[-1] for f in lists for line in _read_text(f, "list file").splitlines()
-              if line.strip()]
-    numeric = [int(v) for v in labels if v.lstrip("-").isdigit()]
-    return Task(folder.name, max(numeric, default=0) + 1, "custom")
+    entries = [(f, n, label) for f in lists for n, _, label in _list_entries(f, strict=False)]
+    if not entries:
+        return Task(folder.name, 1, "custom")
+    file, line, top = max(entries, key=lambda e: e[2])
+    bound = max(CUSTOM_CLASS_BOUND, 10 * len(entries), len(_class_names_file(folder) or []))
+    if top >= bound:
+        raise DataError(f"label {top} on {file}:{line} is larger than this task's {len(entries)} list entries "
+                        f"allow (a custom task's class count comes from its largest label, up to "
+                        f"max({CUSTOM_CLASS_BOUND}, 10 x entries) = {bound}); a typo? "
+                        f"More classes need their names in {folder / 'classes.txt'}")
+    return Task(folder.name, top + 1, "custom")
+
+
+def _class_names_file(folder: Path) -> list[str] | None:
+    names_file = folder / "classes.txt"
+    if not names_file.is_file():
+        return None
+    return [n.strip() for n in _read_text(names_file, "class names").splitlines() if n.strip()]
 
 
 def class_names_for(folder: Path, num_classes: int) -> list[str]:
-    names_file = folder / "classes.txt"
-    if names_file.is_file():
-        names = [n.strip() for n in _read_text(names_file, "class names").splitlines() if n.strip()]
-        if len(names) != num_classes:
-            raise DataError(f"{names_file}: {len(names)} names for {num_classes} classes")
-        return names
-    return [str(c) for c in range(num_classes)]
+    names = _class_names_file(folder)
+    if names is None:
+        return [str(c) for c in range(num_classes)]
+    if len(names) != num_classes:
+        raise DataError(f"{folder / 'classes.txt'}: {len(names)} names for {num_classes} classes")
+    return names
 
 
 def _locate(root: Path, task: str, layout: str) -> tuple[Task, Path]:
@@ -187,23 +229,35 @@ def _check_label(label: int, num_classes: int, where: str) -> None:
         raise DataError(f"{where}: label {label} outside 0..{num_classes - 1}")
 
 
-def _read_list(path: Path, num_classes: int) -> list[tuple[Path, int]]:
-    """Parse a VTAB-1k list file; the label follows the last whitespace, so paths may contain spaces."""
+def _read_list(path: Path, num_classes: int, inside: Callable[[Path, str, str], None]) -> list[tuple[Path, int]]:
+    """Parse a VTAB-1k list file: labels in range, images present and (``inside``) under the data root."""
     samples = []
-    for n, line in enumerate(_read_text(path, "list file").splitlines(), start=1):
-        if not line.strip():
-            continue
-        parts = line.strip().rsplit(maxsplit=1)
-        try:
-            rel, label = parts[0], int(parts[1])
-        except (IndexError, ValueError):
-            raise DataError(f"{path}:{n}: expected '<relative/path> <integer label>', got {line!r}") from None
+    for n, rel, label in _list_entries(path):
         _check_label(label, num_classes, f"{path}:{n}")
         image = path.parent / rel
+        inside(image, rel, f"{path}:{n}")
         if not image.is_file():
             raise DataError(f"{path}:{n}: listed image {image} not found")
         samples.append((image, label))
     return samples
+
+
+def _root_guard(root: Path, allow_outside: bool) -> Callable[[Path, str, str], None]:
+    """``check(path, as_written, where)``: refuses an absolute path, or one that resolves (``..``,
+    symlinks) outside ``root``, unless ``allow_outside``. Keeps a list file from reading arbitrary files."""
+    base = root.resolve()
+
+    def check(path: Path, as_written: str, where: str) -> None:
+        if allow_outside:
+            return
+        if Path(as_written).is_absolute():
+            raise DataError(f"{where}: {as_written!r} is an absolute path; paths must be relative and stay "
+                            f"under the data root {base} (--allow-outside-root permits others)")
+        resolved = path.resolve()
+        if not resolved.is_relative_to(base):
+            raise DataError(f"{where}: {as_written!r} resolves to {resolved}, outside the data root {base} "
+                            "(via '..' or a symlink; --allow-outside-root permits it)")
+    return check
 
 
 def _read_json(path: Path) -> dict[str, int]:
@@ -221,17 +275,17 @@ def _read_json(path: Path) -> dict[str, int]:
     return data
 
 
-def _load_vtab(root: Path, task: str, split: str, **opts: Any) -> LabeledImages:
+def _load_vtab(root: Path, task: str, split: str, inside: Callable, **opts: Any) -> LabeledImages:
     info, folder = _locate(root, task, "vtab")
     if split not in VTAB_SPLITS:
         raise ConfigError(f"VTAB-1k split {split!r}: choose one of {', '.join(VTAB_SPLITS)}")
     list_file = folder / f"{split}.txt"
-    return LabeledImages(_read_list(list_file, info.num_classes), num_classes=info.num_classes,
+    return LabeledImages(_read_list(list_file, info.num_classes, inside), num_classes=info.num_classes,
                          class_names=class_names_for(folder, info.num_classes), base=folder,
                          source=f"VTAB-1k {info.folder}/{split} ({list_file})", **opts)
 
 
-def _load_fgvc(root: Path, task: str, split: str, **opts: Any) -> LabeledImages:
+def _load_fgvc(root: Path, task: str, split: str, inside: Callable, **opts: Any) -> LabeledImages:
     """Class ids are remapped in sorted order of the ids in all the json files, so every split agrees."""
     info, folder = _locate(root, task, "fgvc")
     if split not in FGVC_SPLITS:
@@ -250,6 +304,7 @@ def _load_fgvc(root: Path, task: str, split: str, **opts: Any) -> LabeledImages:
     samples = []
     for name in FGVC_SPLITS[split]:
         for rel, class_id in annotations[name].items():
+            inside(image_dir / rel, rel, f"{files[name]}: entry {rel!r}")
             if not (image_dir / rel).is_file():
                 raise DataError(f"{files[name]}: entry {rel!r}: image {image_dir / rel} not found")
             samples.append((image_dir / rel, remap[class_id]))
@@ -259,8 +314,9 @@ def _load_fgvc(root: Path, task: str, split: str, **opts: Any) -> LabeledImages:
                          **opts)
 
 
-def _load_folder(root: Path, task: str, split: str, **opts: Any) -> LabeledImages:
-    """Classes are the sorted sub-folder names (as in torchvision's ImageFolder)."""
+def _load_folder(root: Path, task: str, split: str, inside: Callable, **opts: Any) -> LabeledImages:
+    """Classes are the sorted sub-folder names (as in torchvision's ImageFolder); a folder named after a
+    VTAB-1k/FGVC task may not hold more classes than that task has."""
     folder = root
     for part in (task, split):
         if part:
@@ -270,39 +326,39 @@ def _load_folder(root: Path, task: str, split: str, **opts: Any) -> LabeledImage
     classes = sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not classes:
         raise DataError(f"{folder}: no class sub-folders (expected {folder}/<class>/<image>)")
+    _check_known_class_count(task or folder.name, classes, folder)
     samples = [(path, label) for label, name in enumerate(classes) for path in sorted((folder / name).rglob("*"))
                if path.suffix.lower() in IMG_EXTENSIONS and path.is_file()]
+    for path, _ in samples:
+        inside(path, str(path.relative_to(folder)), f"{folder}")
     return LabeledImages(samples, num_classes=len(classes), class_names=classes, base=folder,
                          source=f"image folder {folder}", **opts)
+
+
+def _check_known_class_count(name: str, classes: list[str], folder: Path) -> None:
+    counts = []
+    for layout in _REGISTRIES:
+        try:
+            counts.append(resolve_task(name, layout).num_classes)
+        except DataError:
+            pass
+    if counts and len(classes) > max(counts):
+        raise DataError(f"{folder}: {len(classes)} class folders, but task {name!r} has {max(counts)} classes "
+                        f"(a stray folder, or another task's data?)")
 
 
 _LOADERS = {"vtab": _load_vtab, "fgvc": _load_fgvc, "folder": _load_folder}
 
 
-def _problem(path: Path) -> str | None:
-    """Why PIL cannot read ``path`` by its cheap check (headers and, for PNG, chunk CRCs), or None."""
-    try:
-        with Image.open(path) as image:
-            image.verify()
-    except Exception as e:  # any failure of PIL's parsers on the file's bytes means the file is unreadable
-        return f"{type(e).__name__}: {e}"
-    return None
-
-
-def _open_rgb(path: Path) -> Image.Image:
-    try:
-        with Image.open(path) as image:
-            return image.convert("RGB")
-    except Exception as e:  # as in _problem: PIL's parsers raise many types on bad bytes
-        raise DataError(f"{path}: cannot read image ({type(e).__name__}: {e}); "
-                        "skip_corrupt drops unreadable images") from None
+SKIPPED_SHOWN = 3  # unreadable images named in the --skip-corrupt warning
 
 
 class LabeledImages(Dataset):
     """``(transform(RGB image), label)`` pairs from image files; images are decoded only when indexed.
 
-    With ``skip_corrupt`` every image gets PIL's cheap ``verify()`` up front and failures are dropped and
-    listed in ``skipped``; a file that passes it but fails to decode later still raises `DataError`.
+    With ``skip_corrupt`` every image gets PIL's cheap ``verify()`` up front and failures are dropped, listed
+    in ``skipped`` and reported in a `DataWarning`; a file that passes it but fails to decode later still
+    raises `DataError`. A split whose images all have one label also gets a `DataWarning`.
     """
 
     def __init__(self, samples: list[tuple[Path, int]], *, num_classes: int, class_names: list[str],
@@ -314,20 +370,36 @@ class LabeledImages(Dataset):
         self.transform = transform
         self.skipped: list[tuple[Path, str]] = []
         if skip_corrupt:
-            checked = [(sample, _problem(sample[0])) for sample in samples]
+            checked = [(sample, image_problem(sample[0])) for sample in samples]
             self.skipped = [(path, problem) for (path, _), problem in checked if problem]
             samples = [sample for sample, problem in checked if not problem]
         if not samples:
             raise DataError(f"{source}: the split holds no images"
                             + (f" ({len(self.skipped)} skipped as unreadable)" if self.skipped else ""))
         self.samples = samples
+        self._warn()
+
+    def _warn(self) -> None:
+        if self.skipped:
+            shown = ", ".join(f"{p} ({why})" for p, why in self.skipped[:SKIPPED_SHOWN])
+            more = f" and {len(self.skipped) - SKIPPED_SHOWN} more" if len(self.skipped) > SKIPPED_SHOWN else ""
+            warnings.warn(f"{self.source}: skipped {len(self.skipped)} unreadable image(s): {shown}{more}",
+                          DataWarning, stacklevel=3)
+        labels = {label for _, label in self.samples}
+        if len(labels) == 1 and self.num_classes > 1:
+            label = labels.pop()
+            warnings.warn(f"{self.source}: every image has label {label} ({self.class_names[label]}); "
+                          f"the task has {self.num_classes} classes", DataWarning, stacklevel=3)
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def __getitem__(self, index: int) -> tuple[Any, int]:
         path, label = self.samples[index]
-        image = _open_rgb(path)
+        try:
+            image = open_rgb(path)
+        except DataError as e:
+            raise DataError(f"{e}; skip_corrupt drops unreadable images") from None
         return (self.transform(image) if self.transform else image), label
 
     def __repr__(self) -> str:
@@ -347,23 +419,38 @@ class LabeledImages(Dataset):
 
 
 def load_split(root: str | Path, task: str, split: str, transform: Callable | None, *, layout: str = "auto",
-               skip_corrupt: bool = False) -> LabeledImages:
+               skip_corrupt: bool = False, allow_outside_root: bool = False) -> LabeledImages:
     """One split of a data set under ``root`` in layout 'vtab', 'fgvc', 'folder' or 'auto' (detected).
 
     ``task`` names the task folder under ``root`` (a VTAB-1k/FGVC name or alias, or an image folder's name);
     empty means ``root`` is the task folder. For 'folder', ``split`` is a sub-folder, or empty for none.
+    Every image must lie under ``root`` (after resolving '..' and symlinks) unless ``allow_outside_root``.
     """
     root = Path(root)
     if layout not in LAYOUTS:
         raise ConfigError(f"layout {layout!r}: choose one of {', '.join(LAYOUTS)}")
     if not root.is_dir():
         raise DataError(f"{root}: data root folder not found")
+    inside = _root_guard(root, allow_outside_root)
+    if task:
+        inside(root / task, task, "--task")
     looked: list[str] = []
     if layout == "auto":
         layout, looked = _detect(root, task)
     try:
-        return _LOADERS[layout](root, task, split, transform=transform, skip_corrupt=skip_corrupt)
+        return _LOADERS[layout](root, task, split, inside, transform=transform, skip_corrupt=skip_corrupt)
     except DataError as e:
         if looked:  # a benchmark task's name that fell back to an image folder: say what else was tried
             raise DataError(f"{e}; also looked for {'; '.join(looked)}") from None
         raise
+
+
+def warn_unseen_classes(train: LabeledImages, other: LabeledImages) -> list[int]:
+    """The labels ``other`` (a val or test split) holds that ``train`` never shows, with a `DataWarning`
+    naming them: a model cannot learn a class it never sees, so its accuracy on them is chance at best."""
+    unseen = sorted({label for _, label in other.samples} - {label for _, label in train.samples})
+    if unseen:
+        named = ", ".join(f"{label} ({other.class_names[label]})" for label in unseen[:10])
+        warnings.warn(f"{other.source}: {len(unseen)} class(es) never appear in the training split "
+                      f"{train.source}: {named}{' ...' if len(unseen) > 10 else ''}", DataWarning, stacklevel=2)
+    return unseen

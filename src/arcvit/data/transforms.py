@@ -9,12 +9,12 @@ from __future__ import annotations
 from typing import Any, Callable, Sequence
 
 import torch.nn as nn
-from PIL import Image
 from timm.data import (IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_transform, resolve_data_config,
                        resolve_model_data_config)
 from timm.data.transforms import str_to_interp_mode
 from torchvision import transforms as T
 
+from arcvit.data.images import to_rgb
 from arcvit.errors import ConfigError
 
 RECIPES = ("timm", "paper")
@@ -30,11 +30,6 @@ def data_config(model_or_pretrained_cfg: nn.Module | Any) -> dict[str, Any]:
         return resolve_model_data_config(model_or_pretrained_cfg)
     cfg = model_or_pretrained_cfg
     return resolve_data_config(pretrained_cfg=cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg))
-
-
-def _to_rgb(image: Image.Image) -> Image.Image:
-    """Grey or palette images become 3-channel, as the backbones expect."""
-    return image.convert("RGB")
 
 
 def _resize_crop(size: Sequence[int], resize: int, interpolation: str, mean: Sequence[float],
@@ -72,4 +67,4 @@ def build_transform(model_or_pretrained_cfg: nn.Module | Any, *, recipe: str = "
                              cfg["mean"], cfg["std"], train)
     else:
         steps = [create_transform(**cfg, is_training=False)]
-    return T.Compose([T.Lambda(_to_rgb), *steps])
+    return T.Compose([T.Lambda(to_rgb), *steps])

@@ -99,6 +99,7 @@ class DataSpec:
     task: str = ""
     layout: str = "auto"
     skip_corrupt: bool = False
+    allow_outside_root: bool = False  # list files may name images outside ``root`` (else refused)
 
 
 # How a run executes rather than what it computes: may change when an interrupted run is resumed elsewhere.

@@ -40,7 +40,7 @@ from arcvit.core.adapter_file import save_adapter
 from arcvit.core.arc import is_adapted
 from arcvit.core.params import parameter_breakdown
 from arcvit.core.sites import find_blocks
-from arcvit.data.layouts import detect_layout, load_split
+from arcvit.data.layouts import detect_layout, load_split, warn_unseen_classes
 from arcvit.data.transforms import build_transform
 from arcvit.errors import ConfigError, TrainingDiverged
 from arcvit.fileio import sha256_file, write_json, write_safetensors
@@ -48,6 +48,7 @@ from arcvit.methods import SPECS, prepare_model, trainable_state_dict
 from arcvit.training.checkpoint import (LOOP, MODEL, OPTIMIZER, SCHEDULER, SafeCheckpointIO, fabric_load, fabric_save,
                                        load_latest_checkpoint)
 from arcvit.training.config import PROTOCOL_SPLITS, DataSpec, TrainConfig
+from arcvit.training.devices import require_accelerator
 from arcvit.training.progress import EpochProgress
 from arcvit.training.runfolder import check_resumable, refuse_to_overwrite, run_lock, write_metrics
 
@@ -209,9 +210,13 @@ def _load(backbone: str, data: DataSpec, cfg: TrainConfig, checkpoint: str | Pat
     model = create_backbone(backbone, num_classes=1, checkpoint=checkpoint, pretrained=pretrained,
                             drop_path_rate=cfg.drop_path)  # head resized below
     splits = {role: load_split(data.root, data.task, split, layout=layout, skip_corrupt=data.skip_corrupt,
+                               allow_outside_root=data.allow_outside_root,
                                transform=build_transform(model, recipe=cfg.recipe, train=role == "train",
                                                          layout=layout))
               for role, split in roles.items() if split is not None}
+    for role in ("val", "test"):
+        if role in splits:
+            warn_unseen_classes(splits["train"], splits[role])
     model.reset_classifier(splits["train"].num_classes)
     model = prepare_model(model, cfg.method, rank=cfg.rank, dropout=cfg.adapter_dropout)
     if cfg.grad_checkpointing and hasattr(model, "set_grad_checkpointing"):
@@ -233,6 +238,7 @@ def _load(backbone: str, data: DataSpec, cfg: TrainConfig, checkpoint: str | Pat
 
 def _make_fabric(cfg: TrainConfig, model: nn.Module, out: Path) -> Fabric:
     plugins = [] if cfg.strategy == "fsdp" else [SafeCheckpointIO()]  # FSDP takes no CheckpointIO plugin
+    require_accelerator(cfg.accelerator)
     try:
         return Fabric(accelerator=cfg.accelerator, devices=cfg.devices, num_nodes=cfg.num_nodes,
                       strategy=_strategy(cfg, model), precision=cfg.precision, plugins=plugins,

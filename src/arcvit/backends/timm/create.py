@@ -6,6 +6,7 @@ anything beyond tensors and plain containers is refused, never unpickled.
 """
 from __future__ import annotations
 
+import contextlib
 import difflib
 import pickle
 import re
@@ -18,6 +19,7 @@ import torch.nn as nn
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
+from arcvit.backends.timm.hub import hub_mode
 from arcvit.errors import ModelError
 
 TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")
@@ -93,11 +95,18 @@ def create_backbone(name: str, num_classes: int, checkpoint: str | Path | None =
     if not timm.is_model(name.split(".")[0]):
         raise _unknown_model(name)
     use_hub = pretrained and checkpoint is None
+    offline = False
     try:
-        model = timm.create_model(name, pretrained=use_hub, num_classes=num_classes, **kwargs)
+        with hub_mode(name) if use_hub else contextlib.nullcontext(False) as offline:
+            model = timm.create_model(name, pretrained=use_hub, num_classes=num_classes, **kwargs)
     except (OSError, ConnectionError, ValueError) as e:
         if not use_hub:
             raise ModelError(f"cannot create {name!r}: {e}") from None
+        if offline:
+            raise ModelError(f"cannot fetch pretrained weights for {name!r}: the Hugging Face Hub is unreachable "
+                             "(or HF_HUB_OFFLINE is set) and they are not in the local cache. Pass a local file "
+                             "with --checkpoint (.npz/.safetensors/.pth), or use the shipped "
+                             "vit_pico_patch7_28.fmnist_arcvit") from None
         detail = (str(e).splitlines() or [""])[0][:200]
         raise ModelError(f"cannot fetch pretrained weights for {name!r} ({type(e).__name__}: "
                          f"{detail}). Offline? Pass a local file with --checkpoint "
