@@ -182,6 +182,9 @@ def test_resume_refuses_another_task_data_backbone_weights_or_method(tmp_path, d
     listing.write_text(lines)
     results = train(**start, resume=True)  # unchanged settings (and data) still resume
     assert results["selected_epoch"] == 2
+    settings = (out / "settings.json").read_bytes()
+    refused("data.task", data=DataSpec(str(data), "digits2"))  # a finished run answers only its own question
+    assert train(**start, resume=True) == results
 
 
 @pytest.mark.parametrize("clip", ["0", "1.0"])

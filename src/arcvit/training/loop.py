@@ -182,11 +182,11 @@ def train(backbone: str, data: DataSpec, cfg: TrainConfig, out_dir: str | Path, 
     out = Path(out_dir)
     with run_lock(out):
         finished = refuse_to_overwrite(out, resume)
-        if finished is not None:
-            return finished
         model, splits, settings = _load(backbone, data, cfg, checkpoint, pretrained, evaluate_test)
         if resume:
-            check_resumable(out, settings)
+            check_resumable(out, settings)  # a finished run too: its results answer only the same question
+        if finished is not None:
+            return finished
         run = _set_up(model, splits, cfg, out, max_steps_per_epoch)
         state = _restore(run) if resume else LoopState()
         _write_settings(run, settings)
