@@ -34,9 +34,7 @@ class TaskModel:
         check_task_name(name)
         info, state = self._prepare(name, Path(adapter_dir))
         with self._lock:
-            if name in self._tasks:
-                self._uninstall(name)
-            self._install(name, state)
+            self._install(name, state)  # replaces a loaded task of that name once the new one is in place
             self._tasks[name] = info
         return info
 

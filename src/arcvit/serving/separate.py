@@ -34,6 +34,10 @@ class SeparateModels(TaskModel):
     def _uninstall(self, name: str) -> None:
         del self._models[name]
 
+    def holdings(self) -> list[nn.Module]:
+        """Every module whose tensors this model holds (for memory accounting)."""
+        return [self.backbone, *self._models.values()]
+
     def _forward(self, images: torch.Tensor, tasks: list[str]) -> list[torch.Tensor]:
         out: list[torch.Tensor] = [torch.empty(0)] * len(tasks)
         for name in dict.fromkeys(tasks):
