@@ -15,6 +15,8 @@ Reports and never asserts; timings compare only within one run (benchmarks/READM
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
 import json
 import os
 import random
@@ -40,10 +42,13 @@ sys.path.insert(0, str(Path(__file__).parents[1] / "tests"))
 from serving_support import free_port, multipart, png_bytes  # noqa: E402  (the tests' HTTP helpers)
 
 import arcvit  # noqa: E402
+from arcvit.core.layers import ARCSite  # noqa: E402
 from arcvit.fileio import write_json, write_safetensors, write_text  # noqa: E402
 from arcvit.serving import MultiTask, SeparateModels  # noqa: E402
 from arcvit.serving.server import load_tasks  # noqa: E402
 
+ROUTINGS = ("gather", "bmm")
+CORE_ADAPT = ARCSite.adapt
 BATCH = 32
 SPREADS = (1, 4, 16)
 GOAL = 1.10
@@ -55,11 +60,19 @@ FMNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal
                   "Ankle boot"]
 
 
-def backbone(name: str, num_classes: int = 0) -> nn.Module:
-    """The same weights on every call (shipped, or random with a fixed seed)."""
-    timm_name, pretrained = MODELS.get(name, (name, False))
+@functools.cache
+def _random_weights(timm_name: str) -> dict[str, torch.Tensor]:
     torch.manual_seed(0)
-    return timm.create_model(timm_name, pretrained=pretrained, num_classes=num_classes).eval()
+    return timm.create_model(timm_name, pretrained=False, num_classes=0).state_dict()
+
+
+def backbone(name: str, num_classes: int = 0) -> nn.Module:
+    """The same frozen weights on every call (shipped, or random with a fixed seed), and a new head."""
+    timm_name, pretrained = MODELS.get(name, (name, False))
+    model = timm.create_model(timm_name, pretrained=pretrained, num_classes=num_classes).eval()
+    if not pretrained:
+        model.load_state_dict(_random_weights(timm_name), strict=False)  # the head stays new
+    return model
 
 
 def write_tasks(model_name: str, root: Path, count: int, rank: int, seed: int = 0) -> list[str]:
@@ -84,6 +97,50 @@ def images(model: nn.Module, count: int) -> torch.Tensor:
     return torch.randn(count, *size, generator=torch.Generator().manual_seed(1))
 
 
+def adapt_bmm(site: ARCSite, x: torch.Tensor) -> torch.Tensor:
+    """The alternative to the core's per-task index groups: every item's adapter as one batched matmul.
+
+    Each task's D*c and D^T are zero-padded to the largest rank (a task absent at this site gets zeros: the
+    identity), gathered per item, and applied with two ``bmm`` over the item's rows (Swin's windows included).
+    """
+    route = site.state.route
+    if route is None:
+        return CORE_ADAPT(site, x)
+    adapters = [site.get(name) for name, _ in route.groups]
+    width, rank = x.shape[-1], max(a.scale.numel() for a in adapters if a is not None)
+    down, up = x.new_zeros(len(adapters), width, rank), x.new_zeros(len(adapters), rank, width)
+    bias, ids = x.new_zeros(len(adapters), 1, width), torch.empty(route.size, dtype=torch.long)
+    for t, ((_, index), adapter) in enumerate(zip(route.groups, adapters)):
+        ids[index] = t
+        if adapter is not None:
+            r = adapter.scale.numel()
+            down[t, :, :r], up[t, :r] = adapter.down_proj * adapter.scale, adapter.down_proj.t()
+            if adapter.bias is not None:
+                bias[t, 0] = adapter.bias
+    rows = x.reshape(route.size, -1, width)
+    return (rows + torch.bmm(torch.bmm(rows, down[ids]), up[ids]) + bias[ids]).reshape(x.shape)
+
+
+@contextlib.contextmanager
+def routing(method: str):
+    """Route mixed batches the core's way ("gather": per-task index groups) or by batched matmul ("bmm")."""
+    if method == "gather":
+        yield
+        return
+    ARCSite.adapt = adapt_bmm
+    try:
+        yield
+    finally:
+        ARCSite.adapt = CORE_ADAPT
+
+
+def timed_routing(multi: MultiTask, x: torch.Tensor, tasks: list[str], method: str):
+    def call():
+        with routing(method):
+            return multi.predict(x, tasks)
+    return call
+
+
 def bench_latency(model_name: str, root: Path, args: argparse.Namespace) -> dict[str, Any]:
     """Median ms of one batch of 32: plain timm model vs MultiTask at each spread, per routing method."""
     names = write_tasks(model_name, root, max(SPREADS), args.rank)
@@ -92,10 +149,9 @@ def bench_latency(model_name: str, root: Path, args: argparse.Namespace) -> dict
     load_tasks(multi, root)
     x = images(plain, BATCH)
     calls = {"plain": lambda: plain(x)}
-    for method in multi.routing_methods:
+    for method in ROUTINGS:
         for spread in SPREADS:
-            tasks = [names[i % spread] for i in range(BATCH)]
-            calls[f"{method}/{spread}"] = lambda t=tasks, m=method: multi.predict(x, t, routing=m)
+            calls[f"{method}/{spread}"] = timed_routing(multi, x, [names[i % spread] for i in range(BATCH)], method)
     with torch.inference_mode():
         ms = interleaved_median_ms(calls, args.warmup, args.repeats, torch.device("cpu"))
     return {"model": MODELS[model_name][0], "rank": args.rank, "batch": BATCH, "ms": ms,

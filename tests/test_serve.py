@@ -6,7 +6,7 @@ tasks load, reload and unload; a corrupt or foreign adapter is refused while the
 """
 from __future__ import annotations
 
-import copy
+import functools
 import shutil
 
 import pytest
@@ -26,10 +26,20 @@ FAMILIES = {"vit": ("vit_tiny_patch16_224", VIT, 32), "swin": ("swin_tiny_patch4
 TASKS = {"a": (3, "arc", 4), "b": (7, "arc_att", 8), "c.v2": (5, "arc", 2), "d": (11, "arc", 8)}
 
 
-def backbone(family: str, num_classes: int = 0) -> torch.nn.Module:
+@functools.cache
+def _frozen_weights(family: str) -> dict[str, torch.Tensor]:
     name, kwargs, _ = FAMILIES[family]
-    torch.manual_seed(0)  # the same frozen weights every time: adapters check the backbone's fingerprint
-    return timm.create_model(name, num_classes=num_classes, **kwargs).eval()
+    torch.manual_seed(0)
+    return timm.create_model(name, num_classes=0, **kwargs).state_dict()
+
+
+def backbone(family: str, num_classes: int = 0) -> torch.nn.Module:
+    """The same frozen weights every time (adapters check the backbone's fingerprint), a random head."""
+    name, kwargs, _ = FAMILIES[family]
+    model = timm.create_model(name, num_classes=num_classes, **kwargs).eval()
+    missing, unexpected = model.load_state_dict(_frozen_weights(family), strict=False)
+    assert not unexpected and all(k.startswith("head") for k in missing)
+    return model
 
 
 def write_task(family: str, folder, classes: int, mode: str, rank: int, seed: int) -> None:
