@@ -45,7 +45,7 @@ import arcvit  # noqa: E402
 from arcvit.core.layers import ARCSite  # noqa: E402
 from arcvit.fileio import write_json, write_safetensors, write_text  # noqa: E402
 from arcvit.serving import MultiTask, SeparateModels  # noqa: E402
-from arcvit.serving.server import load_tasks  # noqa: E402
+from arcvit.serving import load_tasks  # noqa: E402
 
 ROUTINGS = ("gather", "bmm")
 CORE_ADAPT = ARCSite.adapt

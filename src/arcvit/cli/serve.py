@@ -8,10 +8,11 @@ from pathlib import Path
 from arcvit.errors import ConfigError
 
 
-def add_serve_parser(sub, add_backbone) -> None:
+def add_serve_parser(sub: argparse._SubParsersAction) -> None:
+    from arcvit.cli import _add_backbone
     p = sub.add_parser("serve", help="serve every adapter under a folder on one backbone (HTTP API + web page)")
     p.add_argument("--adapters", required=True, help="folder with one adapter folder per task (its name = task)")
-    add_backbone(p)
+    _add_backbone(p)
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: this machine only)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--token", help="bearer token required to load/unload tasks (PUT/DELETE /v1/tasks/NAME)")

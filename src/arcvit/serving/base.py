@@ -13,7 +13,8 @@ import torch
 import torch.nn as nn
 
 from arcvit.data.transforms import build_transform
-from arcvit.serving.tasks import TaskInfo, UnknownTask, check_task_name
+from arcvit.errors import ArcvitError
+from arcvit.serving.tasks import TaskInfo, UnknownTask, check_task_name, task_folders
 
 
 class TaskModel:
@@ -67,3 +68,14 @@ class TaskModel:
 
     def _forward(self, images: torch.Tensor, tasks: list[str]) -> list[torch.Tensor]:
         raise NotImplementedError
+
+
+def load_tasks(model: TaskModel, root: Path) -> list[str]:
+    """Add every task folder under ``root``; a folder that fails is reported and skipped. Returns the errors."""
+    errors = []
+    for name, folder in task_folders(root).items():
+        try:
+            model.add(name, folder)
+        except ArcvitError as e:
+            errors.append(f"task {name!r} not loaded: {e}")
+    return errors

@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 
 import arcvit
-from arcvit.adapter_file import read_adapter_config
+from arcvit.core.adapter_file import read_adapter_config
 from arcvit.serving.base import TaskModel
 from arcvit.serving.tasks import TaskInfo
 

@@ -1,4 +1,4 @@
-"""Running the app: load every task folder under the adapter folder, then uvicorn until SIGTERM or Ctrl-C.
+"""Running the app with uvicorn until SIGTERM or Ctrl-C.
 
 uvicorn's own shutdown is graceful: on SIGTERM it stops accepting connections, lets in-flight requests finish
 (their batches still run), then exits. One process serves from one read-only model; more capacity is more
@@ -7,25 +7,11 @@ processes or containers behind any load balancer, all reading the same adapter f
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
-from arcvit.errors import ArcvitError
 from arcvit.serving.app import ServeSettings, create_app
 from arcvit.serving.base import TaskModel
-from arcvit.serving.tasks import task_folders
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
-
-
-def load_tasks(model: TaskModel, root: Path) -> list[str]:
-    """Add every task folder under ``root``; a folder that fails is reported and skipped. Returns the errors."""
-    errors = []
-    for name, folder in task_folders(root).items():
-        try:
-            model.add(name, folder)
-        except ArcvitError as e:
-            errors.append(f"task {name!r} not loaded: {e}")
-    return errors
 
 
 def serve(model: TaskModel, settings: ServeSettings, host: str = "127.0.0.1", port: int = 8000) -> None:
