@@ -39,6 +39,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from speed import interleaved_median_ms, machine, md_table  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "tests"))
+from conftest import arcvit_command  # noqa: E402
 from serving_support import free_port, multipart, png_bytes  # noqa: E402  (the tests' HTTP helpers)
 
 import arcvit  # noqa: E402
@@ -190,18 +191,20 @@ def serve_naive(args: argparse.Namespace) -> None:
     serve(model, ServeSettings(adapters=Path(args.serve_naive)), port=args.port)
 
 
-def start(command: list[str], url: str) -> subprocess.Popen:
+def start(command: list[str], url: str, log: Path) -> subprocess.Popen:
+    """A server subprocess (one torch thread per process, like the benchmark), once /healthz answers."""
     env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
-    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    with open(log, "w") as handle:
+        process = subprocess.Popen(command, env=env, stdout=handle, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
+    while time.monotonic() < deadline and process.poll() is None:
         try:
             urllib_request("GET", url + "/healthz")
             return process
         except OSError:
             time.sleep(0.5)
     process.kill()
-    raise RuntimeError(f"{command}: no server after 300 s")
+    raise RuntimeError(f"{' '.join(command)}: no server:\n{log.read_text()}")
 
 
 def urllib_request(method: str, url: str, body: bytes | None = None, headers: dict | None = None) -> dict:
@@ -247,14 +250,14 @@ def bench_load(model_name: str, root: Path, args: argparse.Namespace, image: byt
     write_safetensors(weights, backbone(model_name).state_dict())
     results, port = {}, free_port()
     servers = {
-        "multitask": [sys.executable, "-m", "arcvit.cli", "serve", "--adapters", str(root), "--backbone",
+        "multitask": [*arcvit_command(), "serve", "--adapters", str(root), "--backbone",
                       MODELS[model_name][0].split(".")[0], "--checkpoint", str(weights), "--port", str(port)],
         "naive": [sys.executable, __file__, "--serve-naive", str(root), "--model", model_name,
                   "--port", str(port + 1)],
     }
     for i, (kind, command) in enumerate(servers.items()):
         url = f"http://127.0.0.1:{port + i}"
-        process = start(command, url)
+        process = start(command, url, root.parent / f"{kind}.log")
         try:
             results[kind] = load_test(url, tasks, image, args.requests, args.concurrency)
         finally:
@@ -302,7 +305,8 @@ def screenshot(root: Path, out: Path) -> str:
     image.write_bytes(fashion_image())
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    process = start([sys.executable, "-m", "arcvit.cli", "serve", "--adapters", str(root), "--port", str(port)], url)
+    process = start([*arcvit_command(), "serve", "--adapters", str(root), "--port", str(port)], url,
+                    root.parent / "screenshot.log")
     try:
         with sync_playwright() as p:
             browser = p.chromium.launch(executable_path="/usr/bin/chromium", args=CHROMIUM_ARGS)
