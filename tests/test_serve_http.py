@@ -33,9 +33,9 @@ def adapters(tmp_path_factory) -> Path:
 def server(adapters, tmp_path_factory):
     root = tmp_path_factory.mktemp("served")
     shutil.copytree(adapters, root / "tasks")
-    # A long batching window, so that concurrent requests surely share a batch.
+    # A long batching window, so that concurrent requests surely share a batch; "digits" runs merged.
     server = start_server(root / "tasks", root / "server.log", "--token", TOKEN, "--max-wait-ms", "100",
-                          "--max-upload-mb", "1")
+                          "--max-upload-mb", "1", "--merged", "digits")
     yield server
     assert server.stop() in STOPPED, server.log.read_text()
 
@@ -273,3 +273,12 @@ def _top1(page, task: str) -> tuple[int, str]:
 
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+
+def test_serve_refuses_bad_settings_with_one_line(arcvit_cli, tmp_path):
+    for flags, message in ((["--adapters", str(tmp_path / "missing")], "no such folder"),
+                           (["--adapters", str(tmp_path), "--max-batch", "0"], "--max-batch"),
+                           (["--adapters", str(tmp_path), "--port", "70000"], "not a port")):
+        result = arcvit_cli("serve", "--backbone", BACKBONE, *flags)
+        assert result.returncode == 1 and message in result.stderr
+        assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1

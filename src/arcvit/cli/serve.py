@@ -25,6 +25,8 @@ def add_serve_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _check(args: argparse.Namespace) -> None:
+    if not Path(args.adapters).is_dir():
+        raise ConfigError(f"--adapters {args.adapters}: no such folder")
     if args.max_batch < 1:
         raise ConfigError(f"--max-batch must be positive, got {args.max_batch}")
     if args.max_wait_ms < 0 or args.max_upload_mb <= 0:
