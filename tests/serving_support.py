@@ -96,10 +96,10 @@ class Server:
 def start_server(adapters: Path, log: Path, *flags: str, host: str = "127.0.0.1") -> Server:
     """`arcvit serve` in a subprocess on a free port; returns once /healthz answers (or raises with the log)."""
     port = free_port()
-    handle = open(log, "w")
-    process = subprocess.Popen([*arcvit_command(), "serve", "--adapters", str(adapters), "--backbone", BACKBONE,
-                                "--host", host, "--port", str(port), *flags],
-                               stdout=handle, stderr=subprocess.STDOUT, env=subprocess_env())
+    with open(log, "w") as handle:  # the child keeps its own copy of the descriptor
+        process = subprocess.Popen([*arcvit_command(), "serve", "--adapters", str(adapters), "--backbone", BACKBONE,
+                                    "--host", host, "--port", str(port), *flags],
+                                   stdout=handle, stderr=subprocess.STDOUT, env=subprocess_env())
     server = Server(f"http://{host}:{port}", process, log)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and process.poll() is None:

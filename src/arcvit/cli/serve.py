@@ -36,8 +36,8 @@ def _check(args: argparse.Namespace) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
-    from arcvit.serving import MultiTask, ServeSettings, load_tasks, serve
     from arcvit.backends.timm.create import create_backbone
+    from arcvit.serving import MultiTask, ServeSettings, load_tasks, serve
     _check(args)
     backbone = create_backbone(args.backbone, 0, checkpoint=args.checkpoint, pretrained=not args.random_init)
     model = MultiTask(backbone)

@@ -11,7 +11,7 @@ from arcvit.serving.tasks import TaskInfo
 _HTTP = {"ServeSettings": "arcvit.serving.app", "create_app": "arcvit.serving.app",
          "serve": "arcvit.serving.server"}
 
-__all__ = ["MultiTask", "SeparateModels", "TaskInfo", "load_tasks", *_HTTP]
+__all__ = ["MultiTask", "SeparateModels", "ServeSettings", "TaskInfo", "create_app", "load_tasks", "serve"]
 
 
 def __getattr__(name: str):
