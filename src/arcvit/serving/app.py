@@ -142,14 +142,14 @@ def _add_predict_route(app: FastAPI, model, batcher: Batcher, metrics: ServeMetr
             infos = _requested(model.tasks, task)
             label = task
             x = await run_in_threadpool(lambda: model.transform(decode_image(data)))
-            logits = await asyncio.gather(*(batcher.submit(x, info.name) for info in infos))
+            answers = await asyncio.gather(*(batcher.submit(x, info.name) for info in infos))
         except Exception as e:
             metrics.requests.labels(label, str(_status_of(e))).inc()
             raise
         seconds = time.perf_counter() - start
         metrics.requests.labels(label, "200").inc()
         metrics.latency.observe(seconds)
-        return {"results": [_top(info, out, top_k) for info, out in zip(infos, logits)],
+        return {"results": [_top(info, out, top_k) for info, out in answers],
                 "latency_ms": round(1000 * seconds, 3)}
 
 
@@ -180,14 +180,16 @@ def _requested(tasks: dict[str, TaskInfo], task: str) -> list[TaskInfo]:
 
 
 def _run_batch(model, images: list[torch.Tensor], tasks: list[str]) -> list:
-    """One backbone pass for the items whose task is still loaded; the others fail alone."""
-    loaded = model.tasks
-    keep = [i for i, t in enumerate(tasks) if t in loaded]
-    outputs: list = [UnknownTask(t) for t in tasks]
-    if keep:
-        logits = model.predict(torch.stack([images[i] for i in keep]), [tasks[i] for i in keep])
-        for i, out in zip(keep, logits):
-            outputs[i] = out
+    """One backbone pass for the items whose task is still loaded (the others fail alone): each item's
+    (task info, logits), both read under the model's lock, so that a reload never pairs old names with new logits."""
+    with model.lock:
+        loaded = model.tasks
+        keep = [i for i, t in enumerate(tasks) if t in loaded]
+        outputs: list = [UnknownTask(t) for t in tasks]
+        if keep:
+            logits = model.predict(torch.stack([images[i] for i in keep]), [tasks[i] for i in keep])
+            for i, out in zip(keep, logits):
+                outputs[i] = (loaded[tasks[i]], out)
     return outputs
 
 

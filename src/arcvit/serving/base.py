@@ -22,25 +22,25 @@ class TaskModel:
         self.backbone = backbone.eval().requires_grad_(False)
         self.transform = build_transform(backbone, recipe="timm", train=False)
         self._tasks: dict[str, TaskInfo] = {}
-        self._lock = threading.RLock()
+        self.lock = threading.RLock()  # held while a batch runs or the tasks change
 
     @property
     def tasks(self) -> dict[str, TaskInfo]:
         """A snapshot of the loaded tasks, by name."""
-        with self._lock:
+        with self.lock:
             return dict(self._tasks)
 
     def add(self, name: str, adapter_dir: str | Path) -> TaskInfo:
         """Load (or reload) task ``name`` from ``adapter_dir``; a bad folder raises and changes nothing."""
         check_task_name(name)
         info, state = self._prepare(name, Path(adapter_dir))
-        with self._lock:
+        with self.lock:
             self._install(name, state)  # replaces a loaded task of that name once the new one is in place
             self._tasks[name] = info
         return info
 
     def remove(self, name: str) -> None:
-        with self._lock:
+        with self.lock:
             if name not in self._tasks:
                 raise UnknownTask(name)
             self._uninstall(name)
@@ -51,7 +51,7 @@ class TaskModel:
         """One logits vector per image; ``tasks[i]`` names image i's task (class counts may differ)."""
         if len(tasks) != len(images):
             raise ValueError(f"{len(images)} images but {len(tasks)} task names")
-        with self._lock:
+        with self.lock:
             for name in tasks:
                 if name not in self._tasks:
                     raise UnknownTask(name)

@@ -79,7 +79,7 @@ class MultiTask(TaskModel):
 
     def set_merged(self, name: str | None) -> None:
         """Run ``name``'s images through a merged copy of the backbone (one backbone's bytes more); None: off."""
-        with self._lock:
+        with self.lock:
             if name is not None and name not in self._tasks:
                 raise UnknownTask(name)
             self._merged = None if name is None else (name, self._merged_copy(name))
