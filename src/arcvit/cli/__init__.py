@@ -268,6 +268,8 @@ def build_parser() -> argparse.ArgumentParser:
     from arcvit.cli.tune import add_tune_command
     add_tune_command(sub)
     add_bench_commands(sub)
+    from arcvit.cli.serve import add_serve_parser
+    add_serve_parser(sub)
     return parser
 
 

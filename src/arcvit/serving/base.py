@@ -1,0 +1,81 @@
+"""The task registry both servable models share: named tasks on one backbone, one preprocessing, one lock.
+
+Subclasses say how a task is prepared from its adapter folder (outside the lock: reading and checking files),
+installed and removed (inside it), and how a mixed batch is run. A refused task changes nothing.
+"""
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+import torch.nn as nn
+
+from arcvit.data.transforms import build_transform
+from arcvit.errors import ArcvitError
+from arcvit.serving.tasks import TaskInfo, UnknownTask, check_task_name, task_folders
+
+
+class TaskModel:
+    def __init__(self, backbone: nn.Module) -> None:
+        self.backbone = backbone.eval().requires_grad_(False)
+        self.transform = build_transform(backbone, recipe="timm", train=False)
+        self._tasks: dict[str, TaskInfo] = {}
+        self.lock = threading.RLock()  # held while a batch runs or the tasks change
+
+    @property
+    def tasks(self) -> dict[str, TaskInfo]:
+        """A snapshot of the loaded tasks, by name."""
+        with self.lock:
+            return dict(self._tasks)
+
+    def add(self, name: str, adapter_dir: str | Path) -> TaskInfo:
+        """Load (or reload) task ``name`` from ``adapter_dir``; a bad folder raises and changes nothing."""
+        check_task_name(name)
+        info, state = self._prepare(name, Path(adapter_dir))
+        with self.lock:
+            self._install(name, state)  # replaces a loaded task of that name once the new one is in place
+            self._tasks[name] = info
+        return info
+
+    def remove(self, name: str) -> None:
+        with self.lock:
+            if name not in self._tasks:
+                raise UnknownTask(name)
+            self._uninstall(name)
+            del self._tasks[name]
+
+    @torch.inference_mode()
+    def predict(self, images: torch.Tensor, tasks: Sequence[str]) -> list[torch.Tensor]:
+        """One logits vector per image; ``tasks[i]`` names image i's task (class counts may differ)."""
+        if len(tasks) != len(images):
+            raise ValueError(f"{len(images)} images but {len(tasks)} task names")
+        with self.lock:
+            for name in tasks:
+                if name not in self._tasks:
+                    raise UnknownTask(name)
+            return self._forward(images, list(tasks))
+
+    def _prepare(self, name: str, directory: Path) -> tuple[TaskInfo, Any]:
+        raise NotImplementedError
+
+    def _install(self, name: str, state: Any) -> None:
+        raise NotImplementedError
+
+    def _uninstall(self, name: str) -> None:
+        raise NotImplementedError
+
+    def _forward(self, images: torch.Tensor, tasks: list[str]) -> list[torch.Tensor]:
+        raise NotImplementedError
+
+
+def load_tasks(model: TaskModel, root: Path) -> list[str]:
+    """Add every task folder under ``root``; a folder that fails is reported and skipped. Returns the errors."""
+    errors = []
+    for name, folder in task_folders(root).items():
+        try:
+            model.add(name, folder)
+        except ArcvitError as e:
+            errors.append(f"task {name!r} not loaded: {e}")
+    return errors
