@@ -1,4 +1,5 @@
-"""The memory-lean ("fused") ARC path: same outputs and gradients as the composed path, fewer saved activations.
+"""The memory-lean ARC path (impl "fused"): same outputs and gradients as the composed path ("sequential"),
+fewer saved activations; merge, save and load work on it as on the other impls.
 
 Gradients are compared on tiny random ViT, Swin and EVA models (arc and arc_att, dropout off and on with a fixed
 seed); the saved-activation check counts, with saved_tensors_hooks, the bytes autograd keeps for one forward.
@@ -6,19 +7,22 @@ seed); the saved-activation check counts, with saved_tensors_hooks, the bytes au
 from __future__ import annotations
 
 import copy
+import dataclasses
 import re
+from functools import partial
 
 import pytest
 import timm
 import torch
 import torch.nn as nn
+from timm.layers import RmsNorm
 from timm.models.eva import Eva
 
 import arcvit
-from arcvit.core.fused import ARCNorm
-from arcvit.layers import ARCAdapter, ARCInput, ARCLinear
+from arcvit.core.adapter_file import adapter_tensors
+from arcvit.core.fused import lean_norm_adapter
+from arcvit.core.layers import ARCAdapter, ARCNorm
 from arcvit.methods import prepare_model
-from arcvit.sites import find_blocks
 
 torch.set_num_threads(1)
 
@@ -31,26 +35,6 @@ FAMILIES = {
     "eva": lambda: Eva(**TINY),
     "eva_swiglu": lambda: Eva(swiglu_mlp=True, scale_mlp=True, **TINY),
 }
-PLACES = {"att": ("norm1", "attn", "qkv"), "mlp": ("norm2", "mlp", "fc1")}
-
-
-def fuse(model: nn.Module) -> nn.Module:
-    """Prototype: move every adapter from in front of its reader to the block's norm (ARCNorm)."""
-    for _, block, _ in find_blocks(model):
-        for norm_attr, host_attr, linear_attr in PLACES.values():
-            host = getattr(block, host_attr)
-            if isinstance(host, ARCInput):
-                adapter = host.adapter
-                setattr(block, host_attr, host.inner)
-            elif isinstance(getattr(host, linear_attr, None), ARCLinear):
-                adapter = getattr(host, linear_attr).adapter
-                setattr(host, linear_attr, getattr(host, linear_attr).base)
-            else:
-                continue
-            setattr(block, norm_attr, ARCNorm(getattr(block, norm_attr), adapter))
-    return model
-
-
 def build(family: str) -> nn.Module:
     torch.manual_seed(0)
     model = FAMILIES[family]()
@@ -61,16 +45,22 @@ def build(family: str) -> nn.Module:
     return model
 
 
-def pair(family: str, mode: str, dropout: float) -> tuple[nn.Module, nn.Module]:
-    """The composed ("sequential") model and its lean twin, with the same perturbed adapters and head."""
-    config = arcvit.ARCConfig(rank=8, mode=mode, dropout=dropout, impl="sequential")
-    composed = arcvit.apply_arc(build(family), config)
+def perturbed(model: nn.Module, impl: str, **config) -> nn.Module:
+    """ARC with the given impl, its adapters and head moved off their initial values: the same values for every
+    impl, drawn in the order of the adapter file's names, which do not depend on the impl."""
+    model = arcvit.apply_arc(model, arcvit.ARCConfig(impl=impl, **config))
+    tensors = adapter_tensors(model, "default") | {f"head.{n}": p for n, p in model.head.named_parameters()}
     generator = torch.Generator().manual_seed(1)
     with torch.no_grad():
-        for p in composed.parameters():
-            if p.requires_grad:
-                p.add_(torch.randn(p.shape, generator=generator) * 0.1)
-    return composed, fuse(copy.deepcopy(composed))
+        for key in sorted(tensors):
+            tensors[key].add_(torch.randn(tensors[key].shape, generator=generator) * 0.1)
+    return model
+
+
+def pair(family: str, mode: str, dropout: float) -> tuple[nn.Module, nn.Module]:
+    """The composed ("sequential") model and its lean ("fused") twin, with the same adapters and head."""
+    config = dict(rank=8, mode=mode, dropout=dropout)
+    return perturbed(build(family), "sequential", **config), perturbed(build(family), "fused", **config)
 
 
 def step(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -123,7 +113,7 @@ def test_lean_function_matches_composed(dropout):
     norm.requires_grad_(True)
     y0 = torch.randn(2, 7, 7, norm.weight.numel(), generator=torch.Generator().manual_seed(6))
     results = []
-    for module in (ARCNorm(norm, adapter), nn.Sequential(norm, adapter)):
+    for module in (partial(lean_norm_adapter, norm, adapter), nn.Sequential(norm, adapter)):
         y = y0.clone().requires_grad_(True)
         torch.manual_seed(8)
         out = module(y)
@@ -168,9 +158,45 @@ def test_lean_saves_no_more_than_bitfit_plus_codes(mode):
     bitfit = saved_activation_bytes(prepare_model(make(), "bitfit"), x)
     config = arcvit.ARCConfig(rank=rank, mode=mode, dropout=0.1, impl="sequential")
     composed = arcvit.apply_arc(make(), config)
-    lean = fuse(copy.deepcopy(composed))
+    torch.manual_seed(0)
+    lean = arcvit.apply_arc(make(), dataclasses.replace(config, impl="fused"))
     sites = sum(isinstance(m, ARCNorm) for m in lean.modules())
     tokens = batch * (16 + 1)  # 28/7 = 4x4 patches + class token
     codes = sites * tokens * rank * (4 + 1)  # the dropped codes (fp32) and the dropout mask (bool)
     assert saved_activation_bytes(lean, x) <= bitfit + codes
     assert saved_activation_bytes(composed, x) > bitfit + codes  # the check can tell the paths apart
+
+
+def test_fused_merge_save_and_load(tmp_path):
+    """Merging puts the plain norms back; the adapter file loads into either impl with the same outputs."""
+    plain = build("vit").eval()
+    model = perturbed(copy.deepcopy(plain), "fused", rank=8)
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(9))
+    merged = arcvit.merge(model)
+    assert not any(isinstance(m, ARCNorm) for m in merged.modules())
+    assert merged.state_dict().keys() == plain.state_dict().keys()
+    arcvit.save_adapter(model, tmp_path / "a")
+    sequential = arcvit.apply_arc(copy.deepcopy(plain), arcvit.ARCConfig(rank=8, impl="sequential"))
+    with torch.no_grad():
+        expected = model.eval()(x)
+        torch.testing.assert_close(merged(x), expected, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(arcvit.load_adapter(copy.deepcopy(plain), tmp_path / "a").eval()(x), expected)
+        for name, p in adapter_tensors(model, "default").items():  # the same tensors, placed as "sequential" places them
+            adapter_tensors(sequential, "default")[name].copy_(p)
+        sequential.head.load_state_dict(model.head.state_dict())
+        torch.testing.assert_close(sequential.eval()(x), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_fused_falls_back_where_the_norm_cannot_carry_the_adapter():
+    """An RMSNorm, or a Swin attention that pads its input to whole windows, keeps the composed wrappers."""
+    rms = arcvit.apply_arc(Eva(norm_layer=partial(RmsNorm, eps=1e-6), **TINY), arcvit.ARCConfig(rank=8))
+    assert not any(isinstance(m, ARCNorm) for m in rms.modules())
+    swin = arcvit.apply_arc(timm.create_model("swin_tiny_patch4_window7_224", **(SWIN | {"window_size": 5})),
+                            arcvit.ARCConfig(rank=8))
+    wrapped = [type(m).__name__ for m in swin.modules() if getattr(type(m), "is_arc_site", False)]
+    assert wrapped.count("ARCNorm") == wrapped.count("ARCLinear") == 4  # mlp on the norm, attention on qkv
+    x = torch.randn(2, 3, 56, 56)
+    perturbed_swin = perturbed(timm.create_model("swin_tiny_patch4_window7_224", **(SWIN | {"window_size": 5})),
+                               "fused", rank=8).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(arcvit.merge(perturbed_swin)(x), perturbed_swin(x), rtol=1e-4, atol=1e-5)

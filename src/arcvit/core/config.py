@@ -7,7 +7,7 @@ from typing import Any, Literal
 from arcvit.errors import ConfigError
 
 Mode = Literal["arc", "arc_att"]
-Impl = Literal["lowrank", "sequential"]
+Impl = Literal["fused", "lowrank", "sequential"]
 
 
 @dataclass(frozen=True)
@@ -36,7 +36,7 @@ class ARCConfig:
     bias: bool = True
     train_head: bool = True
     zero_head: bool = True
-    impl: Impl = "sequential"
+    impl: Impl = "fused"
 
     def __post_init__(self) -> None:
         if not isinstance(self.rank, int) or isinstance(self.rank, bool) or self.rank < 1:
@@ -48,8 +48,8 @@ class ARCConfig:
         if self.zero_head and not self.train_head:
             raise ConfigError("zero_head=True with train_head=False would leave a zero head that never trains; "
                               "set zero_head=False to keep the backbone's head frozen")
-        if self.impl not in ("lowrank", "sequential"):
-            raise ConfigError(f"impl must be 'lowrank' or 'sequential', got {self.impl!r}")
+        if self.impl not in ("fused", "lowrank", "sequential"):
+            raise ConfigError(f"impl must be 'fused', 'lowrank' or 'sequential', got {self.impl!r}")
         if self.blocks is not None:
             blocks = tuple(self.blocks)
             if not blocks or any(not isinstance(b, int) or b < 0 for b in blocks):

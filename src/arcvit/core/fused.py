@@ -81,38 +81,9 @@ def lean_norm_adapter(norm: nn.LayerNorm, adapter: nn.Module, y: torch.Tensor) -
                                   adapter.bias, p)
 
 
-def fast_adapter(adapter: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """``adapter(x)`` without autograd, dropout off: two matmuls, one fused add, the bias added in place."""
-    down = adapter.down_proj
-    flat = x.reshape(-1, x.shape[-1])
-    h = torch.addmm(flat, flat @ (down * adapter.scale), down.t())
-    if adapter.bias is not None:
-        h.add_(adapter.bias)
-    return h.view_as(x)
-
-
-class ARCNorm(nn.Module):
-    """A block's norm followed by its adapter: the site wrapper of the memory-lean ("fused") implementation.
-
-    Training (gradients on) runs the one-Function path; inference without dropout runs ``fast_adapter``; anything
-    else (autocast, a norm other than a plain LayerNorm) runs the composed ``adapter(norm(y))``.
-    """
-
-    def __init__(self, norm: nn.Module, adapter: nn.Module) -> None:
-        super().__init__()
-        self.norm, self.adapter = norm, adapter
-        self.lean = lean_norm_supported(norm)
-
-    def forward(self, y: torch.Tensor) -> torch.Tensor:
-        dropout = self.adapter.dropout.training and self.adapter.dropout.p > 0
-        if not torch.is_grad_enabled() and not dropout:
-            return fast_adapter(self.adapter, self.norm(y))
-        if self.lean and torch.is_grad_enabled() and not torch.is_autocast_enabled(y.device.type):
-            return lean_norm_adapter(self.norm, self.adapter, y)
-        return self.adapter(self.norm(y))
-
-    def __getattr__(self, name: str):
-        try:
-            return super().__getattr__(name)
-        except AttributeError:  # blocks read attributes of their norm (e.g. Swin: ``norm1.weight.device``)
-            return getattr(super().__getattr__("norm"), name)
+def norm_then_adapter(norm: nn.Module, adapter: nn.Module, y: torch.Tensor) -> torch.Tensor:
+    """``adapter(norm(y))``: with gradients, as the lean Function, where ``norm`` is a plain LayerNorm and no
+    autocast is on (the Function's arithmetic is fp32-exact only without it); otherwise composed."""
+    if torch.is_grad_enabled() and lean_norm_supported(norm) and not torch.is_autocast_enabled(y.device.type):
+        return lean_norm_adapter(norm, adapter, y)
+    return adapter(norm(y))
