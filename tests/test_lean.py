@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import json
 import re
 from functools import partial
 
@@ -19,6 +20,7 @@ from timm.layers import RmsNorm
 from timm.models.eva import Eva
 
 import arcvit
+from conftest import BACKBONE, RunOutcome, train_args
 from arcvit.core.adapter_file import adapter_tensors
 from arcvit.core.fused import lean_norm_adapter
 from arcvit.core.layers import ARCAdapter, ARCNorm
@@ -200,3 +202,20 @@ def test_fused_falls_back_where_the_norm_cannot_carry_the_adapter():
                                "fused", rank=8).eval()
     with torch.no_grad():
         torch.testing.assert_close(arcvit.merge(perturbed_swin)(x), perturbed_swin(x), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.slow  # compiling the pico ViT on CPU takes tens of seconds
+def test_train_compile_matches_the_eager_run_and_merges(reference_run, tiny_data, arcvit_cli, tmp_path):
+    """`arcvit train --compile` trains the same adapter as the eager reference run (to compiler rounding), and
+    its adapter file loads, merges and evaluates like any other."""
+    done = arcvit_cli(*train_args(tiny_data, tmp_path / "run", "--compile"), timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    compiled = RunOutcome.read(tmp_path / "run")
+    assert compiled.max_adapter_diff(reference_run) < 1e-3
+    assert abs(float(compiled.metrics[-1]["train_loss"]) - float(reference_run.metrics[-1]["train_loss"])) < 1e-3
+    classes = json.loads((tmp_path / "run" / "settings.json").read_text())["num_classes"]
+    model = arcvit.load_adapter(timm.create_model(BACKBONE, num_classes=classes),
+                                tmp_path / "run" / "adapter", check_backbone=False).eval()
+    x = torch.randn(2, 3, 28, 28)
+    with torch.no_grad():
+        torch.testing.assert_close(arcvit.merge(model)(x), model(x), rtol=1e-4, atol=1e-5)
