@@ -79,11 +79,3 @@ def lean_norm_adapter(norm: nn.LayerNorm, adapter: nn.Module, y: torch.Tensor) -
     p = adapter.dropout.p if adapter.dropout.training else 0.0
     return _LeanNormAdapter.apply(y, norm.weight, norm.bias, norm.eps, adapter.down_proj, adapter.scale,
                                   adapter.bias, p)
-
-
-def norm_then_adapter(norm: nn.Module, adapter: nn.Module, y: torch.Tensor) -> torch.Tensor:
-    """``adapter(norm(y))``: with gradients, as the lean Function, where ``norm`` is a plain LayerNorm and no
-    autocast is on (the Function's arithmetic is fp32-exact only without it); otherwise composed."""
-    if torch.is_grad_enabled() and lean_norm_supported(norm) and not torch.is_autocast_enabled(y.device.type):
-        return lean_norm_adapter(norm, adapter, y)
-    return adapter(norm(y))

@@ -16,7 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from arcvit.core.config import ARCConfig
-from arcvit.core.fused import norm_then_adapter
+from arcvit.core.fused import lean_norm_adapter
 
 DEFAULT_NAME = "default"
 
@@ -199,10 +199,13 @@ class ARCInput(ARCSite):
 class ARCNorm(ARCSite):
     """A block's LayerNorm followed by its site's adapters (impl "fused"): the adapter is computed with the norm,
     so that training keeps the norm's input instead of the adapter's (``arcvit.core.fused``). A merge folds the
-    adapter into the readers of the norm's output, as for the other wrappers, and puts the plain norm back."""
+    adapter into the readers of the norm's output, as for the other wrappers, and puts the plain norm back.
+    Only a plain LayerNorm is wrapped (``arcvit.core.fused.lean_norm_supported``)."""
 
     def forward(self, y: torch.Tensor) -> torch.Tensor:
         adapter = self.current()
         if adapter is None:  # a routed (mixed-task) batch, or no active adapter here: the composed path
             return self.adapt(self.inner(y))
-        return norm_then_adapter(self.inner, adapter, y)
+        if torch.is_grad_enabled() and not torch.is_autocast_enabled(y.device.type):
+            return lean_norm_adapter(self.inner, adapter, y)  # the Function is fp32-exact without autocast only
+        return adapter(self.inner(y))
