@@ -1,4 +1,4 @@
-"""ARC's memory-lean training path: LayerNorm and adapter as one autograd Function.
+"""ARC's memory-lean training path (impl "fused"): LayerNorm and adapter as one autograd Function.
 
 Composed from autograd ops, an adapter keeps its full-width input x = LayerNorm(y) alive for the backward pass
 (the gradient of D * c is x^T g), while the LayerNorm in front of it already keeps y and its statistics. Computing
