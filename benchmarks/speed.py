@@ -285,7 +285,8 @@ def render(report: dict[str, Any]) -> str:
                        for name, ms in inf["median_ms"].items()]),
              f"Merged vs unmerged ARC, real mnist5k batch, fp32: max |logit diff| = "
              f"{inf['max_abs_logit_diff']:.3g} (max |logit| = {inf['max_abs_logit']:.3g})."
-             + "".join(f" First (compiling) call of `{name}`: {sec:.1f} s." for name, sec in inf["first_call_s"].items()),
+             + "".join(f" First (compiling) call of `{name}`: {sec:.1f} s."
+                       for name, sec in inf["first_call_s"].items()),
              "## Training step (forward + backward + AdamW)",
              md_table(["method", "trainable params", "median ms / step", "first step ms", "images / s",
                        *(f"x {r}" for r in REFERENCES), "peak MiB", *(f"mem x {r}" for r in REFERENCES)],

@@ -19,8 +19,9 @@ import torch.nn as nn
 from timm.layers import RmsNorm
 from timm.models.eva import Eva
 
-import arcvit
 from conftest import BACKBONE, RunOutcome, train_args
+
+import arcvit
 from arcvit.core.adapter_file import adapter_tensors
 from arcvit.core.fused import lean_norm_adapter
 from arcvit.core.layers import ARCAdapter, ARCNorm
@@ -155,7 +156,7 @@ def saved_activation_bytes(model: nn.Module, x: torch.Tensor) -> int:
 def test_lean_saves_no_more_than_bitfit_plus_codes(mode):
     rank, batch = 16, 4
     x = torch.randn(batch, 3, 28, 28, generator=torch.Generator().manual_seed(5))
-    make = lambda: timm.create_model("vit_pico_patch7_28", num_classes=10, drop_rate=0.0)  # noqa: E731
+    make = lambda: timm.create_model("vit_pico_patch7_28", num_classes=10, drop_rate=0.0)
     torch.manual_seed(0)
     bitfit = saved_activation_bytes(prepare_model(make(), "bitfit"), x)
     config = arcvit.ARCConfig(rank=rank, mode=mode, dropout=0.1, impl="sequential")
@@ -183,7 +184,7 @@ def test_fused_merge_save_and_load(tmp_path):
         expected = model.eval()(x)
         torch.testing.assert_close(merged(x), expected, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(arcvit.load_adapter(copy.deepcopy(plain), tmp_path / "a").eval()(x), expected)
-        for name, p in adapter_tensors(model, "default").items():  # the same tensors, placed as "sequential" places them
+        for name, p in adapter_tensors(model, "default").items():  # the same tensors, placed as "sequential" does
             adapter_tensors(sequential, "default")[name].copy_(p)
         sequential.head.load_state_dict(model.head.state_dict())
         torch.testing.assert_close(sequential.eval()(x), expected, rtol=1e-5, atol=1e-5)
