@@ -117,8 +117,8 @@ def reference(plain: nn.Module, model: nn.Module, positions=("att", "mlp"), bloc
             continue
         for pos in positions:
             host = "attn" if pos == "att" else "mlp"
-            prefix = f"{name}.{host}."
-            scales = [k for k in params if k.startswith(prefix) and k.endswith("adapter.scale")]
+            prefixes = (f"{name}.{host}.", f"{name}.norm{1 if pos == 'att' else 2}.")  # impl "fused": on the norm
+            scales = [k for k in params if k.startswith(prefixes) and k.endswith("adapter.scale")]
             assert len(scales) == 1, (prefix, scales)
             bias_key = scales[0][: -len("scale")] + "bias"
             d, c, b = params[f"arc.{pos}.{stage}"].detach(), params[scales[0]].detach(), params.get(bias_key)
@@ -352,8 +352,8 @@ def test_init_and_trainable_set(family):
     model = arcvit.apply_arc(copy.deepcopy(plain), arcvit.ARCConfig(rank=rank))
     sites = _sites(model)
     n_blocks = len(block_list(plain))
-    att = {k: v for k, v in sites.items() if ".attn" in k}
-    mlp = {k: v for k, v in sites.items() if ".mlp" in k}
+    att = {k: v for k, v in sites.items() if ".attn" in k or ".norm1" in k}  # impl "fused" sits on the norm
+    mlp = {k: v for k, v in sites.items() if ".mlp" in k or ".norm2" in k}
     assert len(att) == len(mlp) == n_blocks and len(sites) == 2 * n_blocks
     for c, b in att.values():
         assert c.shape == (rank,) and torch.count_nonzero(c) == 0

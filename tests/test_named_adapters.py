@@ -39,9 +39,12 @@ def _two_adapters(family: str = "vit_pico_patch7_28") -> torch.nn.Module:
 
 
 def test_default_name_keeps_the_01_parameter_names():
-    model = arcvit.apply_arc(_model(), arcvit.ARCConfig(rank=4))
+    """0.1's impls keep 0.1's names; impl "fused" (the default since) puts the site parameters on the norm."""
+    model = arcvit.apply_arc(_model(), arcvit.ARCConfig(rank=4, impl="sequential"))
     names = {n for n, p in model.named_parameters() if p.requires_grad}
     assert "arc.att.0" in names and "blocks.0.attn.qkv.adapter.scale" in names and "head.weight" in names
+    names = {n for n, p in arcvit.apply_arc(_model(), arcvit.ARCConfig(rank=4)).named_parameters() if p.requires_grad}
+    assert "arc.att.0" in names and "blocks.0.norm1.adapter.scale" in names and "head.weight" in names
 
 
 def test_each_name_is_its_own_adapter_and_only_the_new_one_trains():
@@ -119,7 +122,7 @@ def test_a_file_saved_under_one_name_loads_under_another(tmp_path):
 
 def test_version_1_adapter_files_still_load(tmp_path):
     """A file as arcvit 0.1 wrote it: tensors under the model's own module names, format_version 1."""
-    model = arcvit.apply_arc(_model(), arcvit.ARCConfig(rank=4, dropout=0.0))
+    model = arcvit.apply_arc(_model(), arcvit.ARCConfig(rank=4, dropout=0.0, impl="sequential"))
     _perturb(model, 3)
     arcvit.save_adapter(model, tmp_path / "v2")
     meta = json.loads((tmp_path / "v2" / CONFIG_NAME).read_text())

@@ -11,8 +11,9 @@ import torch
 import torch.nn as nn
 
 from arcvit.core.config import ARCConfig
-from arcvit.core.layers import (DEFAULT_NAME, ARCAdapter, ARCInput, ARCLinear, ARCShared, ARCSite, ARCState, Route,
-                                slot, slot_name)
+from arcvit.core.fused import lean_norm_supported
+from arcvit.core.layers import (DEFAULT_NAME, ARCAdapter, ARCInput, ARCLinear, ARCNorm, ARCShared, ARCSite, ARCState,
+                                Route, slot, slot_name)
 from arcvit.core.sites import Site, find_blocks, find_sites
 from arcvit.core.specs import backend_for, block_spec_for
 from arcvit.errors import ModelError
@@ -106,8 +107,28 @@ def _stage_dims(sites: list[Site], rank: int) -> list[int]:
     return [dims.get(s, 0) for s in range(max(dims) + 1)]
 
 
-def _wrapper(site: Site, state: ARCState) -> ARCSite:
-    """The site's wrapper, created (around the model's own module) on the first adapter placed there."""
+def _norm_wrapper(site: Site, state: ARCState) -> ARCSite | None:
+    """The wrapper around the site's norm (impl "fused"), or None where that norm or block does not allow it."""
+    attr = site.spec.places[site.position].norm
+    current = getattr(site.block, attr)
+    if isinstance(current, ARCNorm):
+        return current
+    if not (lean_norm_supported(current) and site.spec.norm_feeds_site(site.block, site.position)):
+        return None
+    wrapper = ARCNorm(current, state, site.position)
+    setattr(site.block, attr, wrapper)
+    return wrapper
+
+
+def _wrapper(site: Site, state: ARCState, impl: str) -> ARCSite:
+    """The site's wrapper, created (around the model's own module) on the first adapter placed there.
+
+    Impl "fused" wraps the site's norm where it is a plain LayerNorm feeding the readers token for token, and
+    falls back to the wrappers of the other impls elsewhere (e.g. an RMSNorm, Swin attention that pads).
+    """
+    wrapper = _norm_wrapper(site, state) if impl == "fused" else None
+    if wrapper is not None:
+        return wrapper
     current = getattr(site.parent, site.attr)
     if isinstance(current, ARCSite):
         return current
@@ -143,7 +164,7 @@ def apply_arc(model: nn.Module, config: ARCConfig | None = None, name: str = DEF
     state.active = name
     for site in sites:
         adapter = ARCAdapter(shared, site.position, site.stage, site.dim)
-        _wrapper(site, state).add_module(slot("adapter", name),
+        _wrapper(site, state, config.impl).add_module(slot("adapter", name),
                                          adapter.to(device=reference.device, dtype=reference.dtype))
     _prepare_head(model, config)
     model.train(model.training)  # new modules follow the model's mode (dropout off in eval)

@@ -7,7 +7,7 @@ from typing import Any, Literal
 from arcvit.errors import ConfigError
 
 Mode = Literal["arc", "arc_att"]
-Impl = Literal["lowrank", "sequential"]
+Impl = Literal["fused", "lowrank", "sequential"]
 
 
 @dataclass(frozen=True)
@@ -21,12 +21,15 @@ class ARCConfig:
     bias: learn the per-block bias b. Needs a bias slot in the following Linear to be mergeable.
     train_head: the classifier head trains (the paper trains it).
     zero_head: zero the classifier head on apply (the paper's init); False keeps its weights.
-    impl: how an adapter in front of a single Linear is computed. "lowrank" applies it as a low-rank update
-        of that Linear, x W^T + drop(x (D*c)) (W D)^T + W b + b_W, which is exact and never builds the
-        full-width adapted input; "sequential" computes h = x + drop(x (D*c)) D^T + b, then the Linear.
-        Both give the same outputs. Measured by benchmarks/speed.py (vit_small, batch 8, 2 CPU cores), a
-        training step costs 0.74x full fine-tuning with "sequential" and 0.82x with "lowrank", so
-        "sequential" is the default (docs/speed/).
+    impl: how an adapter is computed; all three give the same outputs (to fp32 rounding) and merge alike.
+        "fused" (default) puts the adapter on the block's LayerNorm and computes both as one autograd Function
+        that rebuilds the adapter's input from the norm's in backward, so that training keeps what BitFit keeps
+        plus the r-wide codes (arcvit.core.fused); where the norm is not a plain LayerNorm (RMSNorm) or Swin
+        pads the attention input, those sites fall back to "sequential". "sequential" computes
+        h = x + drop(x (D*c)) D^T + b in front of the readers, then the readers. "lowrank" applies an adapter in
+        front of a single Linear W as its low-rank update, x W^T + drop(x (D*c)) (W D)^T + W b + b_W.
+        benchmarks/speed.py measures them (docs/speed/): "fused" trains at BitFit's memory, the others keep one
+        more full-width activation per site.
     """
 
     rank: int = 50
@@ -36,7 +39,7 @@ class ARCConfig:
     bias: bool = True
     train_head: bool = True
     zero_head: bool = True
-    impl: Impl = "sequential"
+    impl: Impl = "fused"
 
     def __post_init__(self) -> None:
         if not isinstance(self.rank, int) or isinstance(self.rank, bool) or self.rank < 1:
@@ -48,8 +51,8 @@ class ARCConfig:
         if self.zero_head and not self.train_head:
             raise ConfigError("zero_head=True with train_head=False would leave a zero head that never trains; "
                               "set zero_head=False to keep the backbone's head frozen")
-        if self.impl not in ("lowrank", "sequential"):
-            raise ConfigError(f"impl must be 'lowrank' or 'sequential', got {self.impl!r}")
+        if self.impl not in ("fused", "lowrank", "sequential"):
+            raise ConfigError(f"impl must be 'fused', 'lowrank' or 'sequential', got {self.impl!r}")
         if self.blocks is not None:
             blocks = tuple(self.blocks)
             if not blocks or any(not isinstance(b, int) or b < 0 for b in blocks):

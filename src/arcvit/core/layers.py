@@ -16,6 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from arcvit.core.config import ARCConfig
+from arcvit.core.fused import lean_norm_adapter
 
 DEFAULT_NAME = "default"
 
@@ -79,8 +80,16 @@ class ARCAdapter(nn.Module):
         return self.dropout(x @ (self.down_proj * self.scale))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not torch.is_grad_enabled() and not (self.dropout.training and self.dropout.p > 0):
+            return self._infer(x)
         h = x + self.project(x) @ self.down_proj.t()
         return h + self.bias if self.bias is not None else h
+
+    def _infer(self, x: torch.Tensor) -> torch.Tensor:
+        """The forward without autograd or dropout: one fused multiply-add and the bias added in place."""
+        down, flat = self.down_proj, x.reshape(-1, x.shape[-1])
+        h = torch.addmm(flat, flat @ (down * self.scale), down.t())
+        return (h.add_(self.bias) if self.bias is not None else h).view(x.shape)
 
     @torch.no_grad()
     def fold(self, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -185,3 +194,18 @@ class ARCInput(ARCSite):
 
     def forward(self, x: torch.Tensor, *args, **kwargs):
         return self.inner(self.adapt(x), *args, **kwargs)
+
+
+class ARCNorm(ARCSite):
+    """A block's LayerNorm followed by its site's adapters (impl "fused"): the adapter is computed with the norm,
+    so that training keeps the norm's input instead of the adapter's (``arcvit.core.fused``). A merge folds the
+    adapter into the readers of the norm's output, as for the other wrappers, and puts the plain norm back.
+    Only a plain LayerNorm is wrapped (``arcvit.core.fused.lean_norm_supported``)."""
+
+    def forward(self, y: torch.Tensor) -> torch.Tensor:
+        adapter = self.current()
+        if adapter is None:  # a routed (mixed-task) batch, or no active adapter here: the composed path
+            return self.adapt(self.inner(y))
+        if torch.is_grad_enabled() and not torch.is_autocast_enabled(y.device.type):
+            return lean_norm_adapter(self.inner, adapter, y)  # the Function is fp32-exact without autocast only
+        return adapter(self.inner(y))

@@ -73,6 +73,8 @@ class BlockSpec:
     single_linear(host, position): the attribute of the host's only reader when that Linear is called as a
         module on exactly the site input (the adapter can then wrap it); None otherwise.
     key_bias_invariant(model, attention): whether a bias added to every key leaves attention unchanged.
+    norm_feeds_site(block, position): whether the output of the position's norm reaches its readers token for
+        token (nothing padded in between), so that the adapter can sit on the norm (``impl="fused"``).
     """
 
     name: str
@@ -82,6 +84,7 @@ class BlockSpec:
     key_bias_invariant: Callable[[nn.Module, nn.Module], bool]
     places: dict[str, Place] = field(default_factory=lambda: {"att": Place("norm1", "attn"),
                                                                "mlp": Place("norm2", "mlp")})
+    norm_feeds_site: Callable[[nn.Module, str], bool] = lambda block, position: True
 
 
 class ModelBackend(Protocol):

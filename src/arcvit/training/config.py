@@ -39,6 +39,7 @@ class TrainConfig:
     strategy: str = "auto"
     num_workers: int = 0
     grad_checkpointing: bool = False
+    compile: bool = False  # torch.compile the training module (docs/speed/: measured, not a win on CPU)
     drop_path: float = 0.0
     eval_batch_size: int = 256
 

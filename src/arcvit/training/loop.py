@@ -247,6 +247,12 @@ def _make_fabric(cfg: TrainConfig, model: nn.Module, out: Path) -> Fabric:
         raise ConfigError(f"accelerator/strategy/precision/devices: {str(e).splitlines()[0]}") from None
 
 
+def _compiled(model: nn.Module) -> nn.Module:
+    """``torch.compile(model)`` for the training forward; the uncompiled ``model`` stays what is saved, merged and
+    evaluated (the compiled module shares its parameters)."""
+    return torch.compile(model)
+
+
 def _set_up(model: nn.Module, splits: dict[str, Dataset], cfg: TrainConfig, out: Path,
             max_steps_per_epoch: int | None) -> _Run:
     """Fabric (launching the other processes), optimizer, training loader and learning-rate schedule."""
@@ -260,7 +266,7 @@ def _set_up(model: nn.Module, splits: dict[str, Dataset], cfg: TrainConfig, out:
     names = {n for n, p in model.named_parameters() if p.requires_grad}
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
                                   weight_decay=cfg.weight_decay)
-    wrapped, optimizer = fabric.setup(model, optimizer)
+    wrapped, optimizer = fabric.setup(_compiled(model) if cfg.compile else model, optimizer)
     sampler = DistributedSampler(splits["train"], num_replicas=fabric.world_size, rank=fabric.global_rank,
                                  shuffle=True, seed=cfg.seed, drop_last=False)
     loader = DataLoader(splits["train"], batch_size=cfg.batch_size // fabric.world_size, sampler=sampler,

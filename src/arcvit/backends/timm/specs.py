@@ -60,6 +60,17 @@ def key_bias_is_invariant(model: nn.Module, attention: nn.Module) -> bool:
     return getattr(model, "rope", None) is None and (k_norm is None or isinstance(k_norm, nn.Identity))
 
 
-SPECS = tuple(register_block_spec(BlockSpec(name, types, readers, single_linear, key_bias_is_invariant))
-              for name, types in (("timm.vit", (VitBlock,)), ("timm.beit", (BeitBlock,)),
-                                  ("timm.eva", (EvaBlock,)), ("timm.swin", (SwinTransformerBlock,))))
+def swin_norm_feeds_site(block: nn.Module, position: str) -> bool:
+    """Swin pads its attention input up to whole windows after norm1: an adapter on norm1 would leave the padded
+    tokens 0 where the adapter on the attention (and the merged model) gives them b."""
+    if position != "att":
+        return True
+    (height, width), window = block.input_resolution, block.window_size
+    return not getattr(block, "dynamic_mask", False) and height % window[0] == 0 and width % window[1] == 0
+
+
+SPECS = tuple(register_block_spec(BlockSpec(name, types, readers, single_linear, key_bias_is_invariant, **extra))
+              for name, types, extra in (("timm.vit", (VitBlock,), {}), ("timm.beit", (BeitBlock,), {}),
+                                         ("timm.eva", (EvaBlock,), {}),
+                                         ("timm.swin", (SwinTransformerBlock,),
+                                          {"norm_feeds_site": swin_norm_feeds_site})))
