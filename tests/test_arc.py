@@ -119,7 +119,7 @@ def reference(plain: nn.Module, model: nn.Module, positions=("att", "mlp"), bloc
             host = "attn" if pos == "att" else "mlp"
             prefixes = (f"{name}.{host}.", f"{name}.norm{1 if pos == 'att' else 2}.")  # impl "fused": on the norm
             scales = [k for k in params if k.startswith(prefixes) and k.endswith("adapter.scale")]
-            assert len(scales) == 1, (prefix, scales)
+            assert len(scales) == 1, (prefixes, scales)
             bias_key = scales[0][: -len("scale")] + "bias"
             d, c, b = params[f"arc.{pos}.{stage}"].detach(), params[scales[0]].detach(), params.get(bias_key)
             b = None if b is None else b.detach()

@@ -298,3 +298,21 @@ def test_checkpoint_format_round_trips_what_fabric_hands_it(key, tmp_path):
     assert slots["flag"] == 1 and torch.equal(slots["exp_avg"], state["optimizer"]["state"][key]["exp_avg"])
     assert torch.equal(back["model"]["head.weight"], state["model"]["head.weight"])
     assert back["loop"]["epoch"] == 2 and torch.equal(back["loop"]["rng/torch"], torch.ones(3))
+
+
+def test_a_run_folder_of_arcvit_01_resumes_with_the_placement_it_started_with(tmp_path, digits):
+    """0.1 placed ARC's adapters on qkv/fc1 ("sequential") and recorded no arc_impl; today's default is "fused"."""
+    data = _vtab(tmp_path / "data", digits)
+    out = tmp_path / "run"
+    start = dict(backbone=BACKBONE, data=DataSpec(str(data), "digits"), out_dir=out, pretrained=False,
+                 progress=False, max_steps_per_epoch=3)
+    with pytest.raises(_Stop):
+        train(**start, cfg=_cfg(arc_impl="sequential"), on_epoch_end=_stop_after_first_epoch)
+    settings = json.loads((out / "settings.json").read_text())
+    del settings["train"]["arc_impl"]  # as arcvit 0.1 wrote it
+    (out / "settings.json").write_text(json.dumps(settings))
+    with pytest.raises(ConfigError, match="does not hold the parameters this run trains"):
+        train(**start, cfg=_cfg(arc_impl="fused"), resume=True)  # another placement is refused, never half-loaded
+    results = train(**start, cfg=_cfg(), resume=True)
+    assert results["selected_epoch"] >= 1
+    assert json.loads((out / "settings.json").read_text())["train"]["arc_impl"] == "sequential"

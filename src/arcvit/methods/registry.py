@@ -33,6 +33,7 @@ class Options:
     dropout: float | None
     targets: tuple[str, ...]
     head: str
+    impl: str | None = None  # ARC's impl (None: ARCConfig's default)
 
 
 @dataclass(frozen=True)
@@ -62,7 +63,8 @@ def _zero_head(model: nn.Module, head: str) -> nn.Module:
 
 
 def _prepare_arc(model: nn.Module, o: Options) -> nn.Module:
-    return apply_arc(model, ARCConfig(rank=o.rank, mode=o.method, dropout=o.dropout, zero_head=True))
+    impl = {"impl": o.impl} if o.impl is not None else {}
+    return apply_arc(model, ARCConfig(rank=o.rank, mode=o.method, dropout=o.dropout, zero_head=True, **impl))
 
 
 def _prepare_peft(model: nn.Module, o: Options) -> nn.Module:
@@ -136,19 +138,22 @@ def _check_options(spec: MethodSpec, rank: int | None, dropout: float | None) ->
 
 
 def prepare_model(model: nn.Module, method: str, *, rank: int | None = None, dropout: float | None = None,
-                  targets: tuple[str, ...] = DEFAULT_TARGETS) -> nn.Module:
+                  targets: tuple[str, ...] = DEFAULT_TARGETS, impl: str | None = None) -> nn.Module:
     """Set a model up to be fine-tuned with ``method`` and return the module to train.
 
     ``model`` is changed in place; for LoRA and VeRA the module returned is PEFT's wrapper around it. Every
     method zeroes the classifier head and trains it. ``rank`` and ``dropout`` default to the method's own
-    (``SPECS[method]``); ``targets`` names the Linear layers LoRA and VeRA adapt (module-name suffixes).
+    (``SPECS[method]``); ``targets`` names the Linear layers LoRA and VeRA adapt (module-name suffixes);
+    ``impl`` is how ARC computes its adapter (``ARCConfig.impl``).
     """
     spec = method_spec(method)
     _check_options(spec, rank, dropout)
+    if impl is not None and spec.prepare is not _prepare_arc:
+        raise ConfigError(f"{method} has no ARC impl to set")
     if _has_adapters(model):
         raise ModelError(f"{type(model).__name__} already carries adapters; prepare a fresh backbone")
     options = Options(method, spec.default_rank if rank is None else rank,
-                      spec.default_dropout if dropout is None else dropout, tuple(targets), _head_name(model))
+                      spec.default_dropout if dropout is None else dropout, tuple(targets), _head_name(model), impl)
     return spec.prepare(model, options)
 
 

@@ -6,6 +6,8 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 from arcvit.errors import ConfigError
+
+ARC_IMPLS = ("fused", "sequential", "lowrank")
 from arcvit.methods.registry import SPECS
 
 PROTOCOL_SPLITS = {  # layout -> protocol -> (train, val, test)
@@ -39,6 +41,7 @@ class TrainConfig:
     strategy: str = "auto"
     num_workers: int = 0
     grad_checkpointing: bool = False
+    arc_impl: str | None = None  # how ARC's adapter is computed (ARCConfig.impl); None: ARCConfig's default
     compile: bool = False  # torch.compile the training module (docs/speed/: measured, not a win on CPU)
     drop_path: float = 0.0
     eval_batch_size: int = 256
@@ -74,6 +77,8 @@ class TrainConfig:
             raise ConfigError(f"protocol must be 'final' or 'select', got {self.protocol!r}")
         if self.recipe not in ("timm", "paper"):
             raise ConfigError(f"recipe must be 'timm' or 'paper', got {self.recipe!r}")
+        if self.arc_impl is not None and self.arc_impl not in ARC_IMPLS:
+            raise ConfigError(f"arc_impl must be one of {', '.join(ARC_IMPLS)}, got {self.arc_impl!r}")
         if self.rank is not None and self.rank < 1:
             raise ConfigError(f"rank must be a positive integer, got {self.rank!r}")
 

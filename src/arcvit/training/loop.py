@@ -50,7 +50,7 @@ from arcvit.training.checkpoint import (LOOP, MODEL, OPTIMIZER, SCHEDULER, SafeC
 from arcvit.training.config import PROTOCOL_SPLITS, DataSpec, TrainConfig
 from arcvit.training.devices import require_accelerator
 from arcvit.training.progress import EpochProgress
-from arcvit.training.runfolder import check_resumable, refuse_to_overwrite, run_lock, write_metrics
+from arcvit.training.runfolder import check_resumable, refuse_to_overwrite, run_lock, started_impl, write_metrics
 
 class _Shard(torch.utils.data.Sampler):
     """Every ``world``-th index from ``rank``, with no padding, so that distributed evaluation counts each
@@ -182,6 +182,7 @@ def train(backbone: str, data: DataSpec, cfg: TrainConfig, out_dir: str | Path, 
     out = Path(out_dir)
     with run_lock(out):
         finished = refuse_to_overwrite(out, resume)
+        cfg = started_impl(out, cfg) if resume else cfg
         model, splits, settings = _load(backbone, data, cfg, checkpoint, pretrained, evaluate_test)
         if resume:
             check_resumable(out, settings)  # a finished run too: its results answer only the same question
@@ -218,7 +219,7 @@ def _load(backbone: str, data: DataSpec, cfg: TrainConfig, checkpoint: str | Pat
         if role in splits:
             warn_unseen_classes(splits["train"], splits[role])
     model.reset_classifier(splits["train"].num_classes)
-    model = prepare_model(model, cfg.method, rank=cfg.rank, dropout=cfg.adapter_dropout)
+    model = prepare_model(model, cfg.method, rank=cfg.rank, dropout=cfg.adapter_dropout, impl=cfg.arc_impl)
     if cfg.grad_checkpointing and hasattr(model, "set_grad_checkpointing"):
         model.set_grad_checkpointing(True)
     weights = Path(checkpoint) if checkpoint else None
@@ -284,6 +285,10 @@ def _restore(run: _Run) -> LoopState:
     for note in (found.skipped if found else []):
         run.fabric.print(f"warning: skipped checkpoint {note}", file=sys.stderr)
     if found is not None and found.path is not None:
+        saved = {k.removeprefix("param/") for k in found.tensors if k.startswith("param/")}
+        if not run.names <= saved:
+            raise ConfigError(f"{found.path}: does not hold the parameters this run trains "
+                              f"(missing: {sorted(run.names - saved)[:3]}); it was written for another model")
         fabric_load(run.fabric, found.path, objects)  # Fabric restores a copy of a dataclass, handed back here
         run.fabric.print(f"resumed from {run.checkpoint_dir} at epoch {objects[LOOP].epoch}", file=sys.stderr)
     return objects[LOOP]

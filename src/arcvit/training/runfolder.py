@@ -7,12 +7,13 @@ import csv
 import io
 import json
 import os
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Iterator
 
 from arcvit.errors import ConfigError
 from arcvit.fileio import write_text
-from arcvit.training.config import RUNTIME_FIELDS
+from arcvit.training.config import RUNTIME_FIELDS, TrainConfig
 
 try:
     import fcntl
@@ -96,6 +97,18 @@ def check_resumable(out: Path, now: dict[str, Any]) -> None:
                if a is not _MISSING and b is not _MISSING and not _same(n, a, b)]
     if changed:
         raise ConfigError(f"{out}: --resume with other settings than the run started with ({'; '.join(changed)})")
+
+
+def started_impl(out: Path, cfg: TrainConfig) -> TrainConfig:
+    """``cfg`` with the ARC impl the run in ``out`` started with: a run of arcvit 0.1 (no ``arc_impl`` in its
+    settings) placed its adapters as ``sequential`` does, and resumes so."""
+    try:
+        before = json.loads((out / "settings.json").read_text())["train"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return cfg
+    if cfg.method in ("arc", "arc_att") and "arc_impl" not in before and cfg.arc_impl is None:
+        return replace(cfg, arc_impl="sequential")
+    return cfg
 
 
 def write_metrics(path: Path, rows: list[dict[str, Any]]) -> None:
