@@ -1,0 +1,107 @@
+"""Create a transformers vision backbone from ``transformers:ORG/NAME`` (a hub id or a local folder).
+
+The model class is the one its config names (``architectures``), else ``AutoModel``; preprocessing comes
+from the folder's image processor config, translated to the timm-style ``pretrained_cfg`` that
+``arcvit.data.transforms.build_transform`` reads.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch.nn as nn
+import transformers
+from transformers import AutoConfig, AutoImageProcessor, AutoModel
+
+from arcvit.backends.transformers.heads import TransformersClassifier, default_preprocessing
+from arcvit.errors import ModelError
+
+PREFIX = "transformers:"
+# PIL resampling codes (what image processors store) -> timm interpolation names
+RESAMPLE = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box", 5: "hamming"}
+
+
+def source_of(name: str) -> str:
+    """``transformers:ORG/NAME`` -> ``ORG/NAME`` (a hub id or a local folder)."""
+    source = name[len(PREFIX):] if name.startswith(PREFIX) else name
+    if not source:
+        raise ModelError(f"backbone {name!r}: name a hub id or a local folder after {PREFIX!r}")
+    return source
+
+
+def _fail(source: str, what: str, error: Exception) -> ModelError:
+    detail = (str(error).splitlines() or [""])[0][:200]
+    hint = "" if Path(source).is_dir() else (" Offline? Pass a local folder written by save_pretrained "
+                                             "(config.json, weights and preprocessor_config.json)")
+    return ModelError(f"cannot load the {what} of transformers model {source!r} ({type(error).__name__}: "
+                      f"{detail}).{hint}")
+
+
+def preprocessing(source: str, model: nn.Module) -> dict[str, Any]:
+    """timm-style input size, interpolation, mean/std and crop from the model's image processor config."""
+    try:
+        processor = AutoImageProcessor.from_pretrained(source)
+    except (OSError, ValueError, KeyError) as e:
+        if (Path(source) / "preprocessor_config.json").is_file() or not Path(source).is_dir():
+            raise _fail(source, "image processor", e) from None
+        return default_preprocessing(model)  # a folder without one: the config's image size, HF's defaults
+    size = processor.size
+    crop = getattr(processor, "crop_size", None) if getattr(processor, "do_center_crop", False) else None
+    if crop is not None and crop.height:
+        resize = size.shortest_edge or min(size.height, size.width)
+        out = {"input_size": (3, crop.height, crop.width), "crop_pct": min(crop.height, crop.width) / resize,
+               "crop_mode": "center"}
+    elif size.shortest_edge:
+        out = {"input_size": (3, size.shortest_edge, size.shortest_edge), "crop_pct": 1.0, "crop_mode": "center"}
+    else:  # a fixed height x width resize, no crop: timm's "squash"
+        out = {"input_size": (3, size.height, size.width), "crop_pct": 1.0, "crop_mode": "squash"}
+    resample = int(getattr(processor, "resample", 2))
+    return {**out, "interpolation": RESAMPLE.get(resample, "bilinear"),
+            "mean": tuple(processor.image_mean), "std": tuple(processor.image_std)}
+
+
+def _model_class(config) -> type:
+    for name in config.architectures or []:
+        cls = getattr(transformers, name, None)
+        if isinstance(cls, type) and issubclass(cls, nn.Module):
+            return cls
+    return AutoModel
+
+
+def create_backbone(name: str, num_classes: int, checkpoint: str | Path | None = None, pretrained: bool = True,
+                    drop_path_rate: float = 0.0, **kwargs) -> TransformersClassifier:
+    """A transformers vision model with a ``num_classes`` head: its own one, or one added the family's way."""
+    source = source_of(name)
+    try:
+        config = AutoConfig.from_pretrained(source)
+    except (OSError, ValueError) as e:
+        raise _fail(source, "config", e) from None
+    if drop_path_rate:
+        if not hasattr(config, "drop_path_rate"):
+            raise ModelError(f"{source}: {type(config).__name__} has no drop_path_rate; train with drop_path 0")
+        config.drop_path_rate = drop_path_rate
+    for key, value in kwargs.items():
+        setattr(config, key, value)
+    cls = _model_class(config)
+    try:
+        model = cls.from_pretrained(source, config=config) if pretrained and checkpoint is None \
+            else (cls._from_config(config) if cls is not AutoModel else AutoModel.from_config(config))
+    except (OSError, ValueError) as e:
+        raise _fail(source, "weights", e) from None
+    classifier = TransformersClassifier(model, num_classes, preprocessing=preprocessing(source, model),
+                                        source=PREFIX + source)
+    if checkpoint is not None:
+        _load_checkpoint(classifier, Path(checkpoint))
+    return classifier
+
+
+def _load_checkpoint(model: TransformersClassifier, path: Path) -> None:
+    from arcvit.backends.timm.create import read_checkpoint
+    state = read_checkpoint(path)
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as e:  # a tensor of another shape
+        raise ModelError(f"{path}: does not fit {type(model.model).__name__} ({str(e).splitlines()[-1].strip()})") from None
+    if missing or unexpected:
+        raise ModelError(f"{path}: does not fit {type(model.model).__name__} with an arcvit head (missing: "
+                         f"{missing[:5]}, unexpected: {unexpected[:5]})")
