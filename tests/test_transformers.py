@@ -17,7 +17,7 @@ transformers = pytest.importorskip("transformers")
 
 import arcvit  # noqa: E402
 from arcvit import ARCConfig  # noqa: E402
-from arcvit.core.adapter_file import read_adapter  # noqa: E402
+from arcvit.core.adapter_file import adapter_tensors, read_adapter  # noqa: E402
 from arcvit.errors import AdapterFileError, ModelError  # noqa: E402
 
 SMALL = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, image_size=32, patch_size=8)
@@ -116,7 +116,11 @@ def adapted_and_reference(family: str, tmp_path):
     arcvit.apply_arc(model, arc_config(family))
     perturb_trainable(model)
     arcvit.save_adapter(model, tmp_path / "adapter")
-    with_reference_hooks(reference, read_adapter(tmp_path / "adapter").tensors)
+    contents = read_adapter(tmp_path / "adapter")
+    with_reference_hooks(reference, contents.tensors)
+    with torch.no_grad():  # the head trained (zeroed, then perturbed) alongside
+        for key, tensor in contents.head.items():
+            reference.get_parameter(key).copy_(tensor)
     return model, reference
 
 
@@ -161,7 +165,7 @@ def _arc_count(model: torch.nn.Module, rank: int) -> int:
 def test_parameter_count_follows_the_formula(family):
     model = build(family)
     expected = _arc_count(model, RANK)
-    arcvit.apply_arc(model, arc_config(family, train_head=False))
+    arcvit.apply_arc(model, arc_config(family, train_head=False, zero_head=False))
     assert arcvit.trainable_parameters(model) == expected
 
 
@@ -181,10 +185,10 @@ def test_head_follows_the_familys_classifier(family, one_thread):
         assert wrapped.pool == "own" and wrapped.get_classifier() is model.classifier
         return
     tokens, head = out.last_hidden_state, wrapped.head
-    feature = {"vit": tokens[:, 0], "clip": tokens[:, 1:].mean(1), "siglip": tokens.mean(1),
-               "clip-projection": getattr(out, "image_embeds", None), "swin": out.pooler_output,
-               "dinov2": torch.cat([tokens[:, 0], tokens[:, 1:].mean(1)], -1),
-               "dinov2-registers": torch.cat([tokens[:, 0], tokens[:, 3:].mean(1)], -1)}[family]
+    feature = {"vit": lambda: tokens[:, 0], "clip": lambda: tokens[:, 1:].mean(1), "siglip": lambda: tokens.mean(1),
+               "clip-projection": lambda: out.image_embeds, "swin": lambda: out.pooler_output.flatten(1),
+               "dinov2": lambda: torch.cat([tokens[:, 0], tokens[:, 1:].mean(1)], -1),
+               "dinov2-registers": lambda: torch.cat([tokens[:, 0], tokens[:, 3:].mean(1)], -1)}[family]()
     with torch.no_grad():
         assert torch.allclose(logits, head(feature), atol=1e-6)
 
@@ -247,7 +251,10 @@ def test_timm_and_transformers_vit_agree_before_and_after_arc(tmp_path, one_thre
     perturb_trainable(vit)
     arcvit.save_adapter(vit, tmp_path / "timm")
     tensors = read_adapter(tmp_path / "timm").tensors
-    set_canonical(hf, tensors)
+    with torch.no_grad():  # the same adapter tensors, under the library-independent file names
+        for key, param in adapter_tensors(hf, "default").items():
+            param.copy_(tensors[key])
+        hf.classifier.weight.copy_(vit.head.weight), hf.classifier.bias.copy_(vit.head.bias)
     with torch.no_grad():
         assert torch.allclose(vit(x), hf(pixel_values=x).logits, atol=1e-5)
     with pytest.raises(AdapterFileError, match="timm"):  # the fingerprint rules hold across libraries

@@ -88,7 +88,7 @@ def cmd_train(args: argparse.Namespace) -> None:
 def _adapted_model(args: argparse.Namespace):
     """The backbone with the adapter from ``--adapter`` loaded (or a merged checkpoint from ``--merged``)."""
     import arcvit
-    from arcvit.backends.timm.create import create_backbone
+    from arcvit.backends import create_backbone
     from arcvit.core.adapter_file import read_adapter_config
     from arcvit.core.merged_file import read_merged_info
     if args.merged:

@@ -25,13 +25,12 @@ from transformers.models.swin.modeling_swin import SwinLayer
 from transformers.models.swinv2.modeling_swinv2 import Swinv2Layer
 from transformers.models.vit.modeling_vit import ViTLayer
 
-from arcvit.core.specs import BiasSlot, BlockSpec, Place, Reader, register_block_spec
+from arcvit.core.specs import BlockSpec, Place, Reader, own_bias, register_block_spec
 from arcvit.errors import ModelError
 
 
 def _reader(linear: nn.Linear, is_key: bool = False) -> Reader:
-    owner = linear if linear.bias is not None else None
-    return Reader(linear, [BiasSlot(0, linear.out_features, owner, "bias", is_key=is_key)])
+    return Reader(linear, own_bias(linear, is_key))
 
 
 def _attention_linears(host: nn.Module) -> tuple[nn.Linear, nn.Linear, nn.Linear]:
@@ -76,7 +75,7 @@ def _cosine_attention(model: nn.Module, host: nn.Module) -> bool:
 
 def _pre_norm(name: str, block: type, norms: tuple[str, str], hosts: tuple[str, str]) -> BlockSpec:
     places = {"att": Place(norms[0], hosts[0]), "mlp": Place(norms[1], hosts[1])}
-    return BlockSpec(name, (block,), places, readers, single_linear, _softmax_attention)
+    return BlockSpec(name, (block,), readers, single_linear, _softmax_attention, places)
 
 
 SPECS = (
@@ -89,9 +88,8 @@ SPECS = (
     _pre_norm("transformers.siglip", SiglipEncoderLayer, ("layer_norm1", "layer_norm2"), ("self_attn", "mlp")),
     _pre_norm("transformers.swin", SwinLayer, ("layernorm_before", "layernorm_after"), ("attention", "mlp")),
     # res-post-norm: no norm feeds the site; ``layernorm_before``/``layernorm_after`` follow each branch
-    BlockSpec("transformers.swinv2", (Swinv2Layer,),
-              {"att": Place("layernorm_before", "attention"), "mlp": Place("layernorm_after", "intermediate")},
-              readers, single_linear, _cosine_attention),
+    BlockSpec("transformers.swinv2", (Swinv2Layer,), readers, single_linear, _cosine_attention,
+              {"att": Place("layernorm_before", "attention"), "mlp": Place("layernorm_after", "intermediate")}),
 )
 
 
