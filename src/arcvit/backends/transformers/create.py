@@ -6,14 +6,17 @@ from the folder's image processor config, translated to the timm-style ``pretrai
 """
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch.nn as nn
 import transformers
 from transformers import AutoConfig, AutoImageProcessor, AutoModel
+from transformers.utils import logging as hf_logging
 
-from arcvit.backends.transformers.heads import TransformersClassifier, default_preprocessing
+from arcvit.backends.transformers.heads import TransformersClassifier, default_pool, default_preprocessing
 from arcvit.errors import ModelError
 
 PREFIX = "transformers:"
@@ -69,7 +72,7 @@ def _model_class(config) -> type:
 
 
 def create_backbone(name: str, num_classes: int, checkpoint: str | Path | None = None, pretrained: bool = True,
-                    drop_path_rate: float = 0.0, **kwargs) -> TransformersClassifier:
+                    drop_path_rate: float = 0.0) -> TransformersClassifier:
     """A transformers vision model with a ``num_classes`` head: its own one, or one added the family's way."""
     source = source_of(name)
     try:
@@ -80,19 +83,47 @@ def create_backbone(name: str, num_classes: int, checkpoint: str | Path | None =
         if not hasattr(config, "drop_path_rate"):
             raise ModelError(f"{source}: {type(config).__name__} has no drop_path_rate; train with drop_path 0")
         config.drop_path_rate = drop_path_rate
-    for key, value in kwargs.items():
-        setattr(config, key, value)
     cls = _model_class(config)
     try:
-        model = cls.from_pretrained(source, config=config) if pretrained and checkpoint is None \
-            else (cls._from_config(config) if cls is not AutoModel else AutoModel.from_config(config))
-    except (OSError, ValueError) as e:
+        with _quiet():
+            if pretrained and checkpoint is None:
+                model, info = cls.from_pretrained(source, config=config, output_loading_info=True)
+                _drop_unloaded_pooler(model, source, list(info["missing_keys"]))
+            else:
+                model = cls._from_config(config) if cls is not AutoModel else AutoModel.from_config(config)
+    except (OSError, ValueError, RuntimeError) as e:
         raise _fail(source, "weights", e) from None
+    # a local folder is named by its folder name, so that an adapter does not depend on where it is read from
+    label = Path(source).resolve().name if Path(source).is_dir() else source
     classifier = TransformersClassifier(model, num_classes, preprocessing=preprocessing(source, model),
-                                        source=PREFIX + source)
+                                        source=PREFIX + label)
     if checkpoint is not None:
         _load_checkpoint(classifier, Path(checkpoint))
     return classifier
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """No loading bars or load reports from transformers: arcvit reports what matters itself."""
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
+def _drop_unloaded_pooler(model: nn.Module, source: str, missing: list[str]) -> None:
+    """A folder saved without the pooler (``add_pooling_layer=False``) loads with a random one: drop it, as it is
+    unused by the head arcvit adds and would make the backbone's fingerprint change from one load to the next.
+    Any other weight missing from the folder is an error."""
+    if missing and all(k.startswith("pooler.") for k in missing) and default_pool(model) != "pooler":
+        model.pooler = None
+    elif missing:
+        raise ModelError(f"{source}: the weights do not fit {type(model).__name__} (missing: {missing[:5]})")
 
 
 def _load_checkpoint(model: TransformersClassifier, path: Path) -> None:
@@ -102,6 +133,10 @@ def _load_checkpoint(model: TransformersClassifier, path: Path) -> None:
         missing, unexpected = model.load_state_dict(state, strict=False)
     except RuntimeError as e:  # a tensor of another shape
         raise ModelError(f"{path}: does not fit {type(model.model).__name__} ({str(e).splitlines()[-1].strip()})") from None
+    inner = [k[len("model."):] for k in missing if k.startswith("model.")]
+    if len(inner) == len(missing):  # a merged file from a model whose unused pooler was dropped
+        _drop_unloaded_pooler(model.model, str(path), inner)
+        missing = []
     if missing or unexpected:
         raise ModelError(f"{path}: does not fit {type(model.model).__name__} with an arcvit head (missing: "
                          f"{missing[:5]}, unexpected: {unexpected[:5]})")
