@@ -12,6 +12,7 @@ import json
 
 import pytest
 import torch
+from conftest import TINY_TASK
 
 transformers = pytest.importorskip("transformers")
 
@@ -259,3 +260,45 @@ def test_timm_and_transformers_vit_agree_before_and_after_arc(tmp_path, one_thre
         assert torch.allclose(vit(x), hf(pixel_values=x).logits, atol=1e-5)
     with pytest.raises(AdapterFileError, match="timm"):  # the fingerprint rules hold across libraries
         arcvit.load_adapter(T.ViTForImageClassification(hf.config), tmp_path / "timm")
+
+
+# --- the command line on a local save_pretrained folder ---
+
+def test_cli_trains_evaluates_merges_and_predicts(tiny_data, arcvit_cli, tmp_path):
+    folder = tmp_path / "vit"
+    T.ViTModel(T.ViTConfig(**SMALL, intermediate_size=64), add_pooling_layer=False).save_pretrained(folder)
+    T.ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(folder)
+    backbone = ["--backbone", f"transformers:{folder}"]
+    data = ["--data", str(tiny_data), "--task", TINY_TASK]
+    run = arcvit_cli("train", *backbone, *data, "--epochs", "1", "--warmup-epochs", "0", "--batch-size", "16",
+                     "--rank", "8", "--accelerator", "cpu", "--quiet", "--out", tmp_path / "run")
+    assert run.returncode == 0, run.stderr[-2000:]
+    adapter = tmp_path / "run" / "adapter"
+    identity = json.loads((adapter / "adapter_config.json").read_text())["backbone"]
+    assert (identity["library"], identity["class"], identity["head"]) == ("transformers", "ViTModel", "cls")
+
+    evaluated = arcvit_cli("eval", *backbone, "--adapter", adapter, *data)
+    assert evaluated.returncode == 0, evaluated.stderr[-2000:]
+    merged = arcvit_cli("merge", *backbone, "--adapter", adapter, "--out", tmp_path / "merged.safetensors")
+    assert merged.returncode == 0, merged.stderr[-2000:]
+    assert json.loads(merged.stdout)["max_abs_logit_diff"] < 1e-4
+    again = arcvit_cli("eval", "--merged", tmp_path / "merged.safetensors", *data)
+    assert again.returncode == 0 and json.loads(again.stdout)["top1"] == json.loads(evaluated.stdout)["top1"]
+    image = next((tiny_data / TINY_TASK).rglob("*.png"))
+    predicted = [arcvit_cli("predict", *source, image) for source in
+                 (["--merged", tmp_path / "merged.safetensors"], [*backbone, "--adapter", adapter])]
+    assert all(p.returncode == 0 for p in predicted), predicted[0].stderr[-2000:]
+    assert json.loads(predicted[0].stdout)["label"] == json.loads(predicted[1].stdout)["label"]
+
+    refused = arcvit_cli("eval", "--adapter", adapter, *data)  # the default timm backbone
+    assert refused.returncode == 1 and "transformers" in refused.stderr and "Traceback" not in refused.stderr
+
+
+def test_missing_transformers_names_the_extra(monkeypatch):
+    import sys
+    from arcvit.backends import create_backbone
+    monkeypatch.setitem(sys.modules, "transformers", None)  # import transformers -> ImportError
+    for name in [n for n in sys.modules if n.startswith("arcvit.backends.transformers")]:
+        monkeypatch.delitem(sys.modules, name)
+    with pytest.raises(ModelError, match=r"arcvit\[transformers\]"):
+        create_backbone("transformers:google/vit-base-patch16-224", 10)

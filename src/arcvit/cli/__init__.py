@@ -24,7 +24,8 @@ class _Parser(argparse.ArgumentParser):
 def _add_backbone(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backbone", default=DEFAULT_BACKBONE,
                    help=f"timm model name, with optional pretrained tag (default: {DEFAULT_BACKBONE}, "
-                        "arcvit's shipped self-pretrained ViT)")
+                        "arcvit's shipped self-pretrained ViT), or transformers:ORG/NAME (a Hugging Face hub id "
+                        "or a local save_pretrained folder)")
     p.add_argument("--checkpoint", help="local weights for the backbone: .npz (Google ViT), .safetensors, .pth")
     p.add_argument("--random-init", action="store_true", help="no pretrained weights (sanity baselines, tests)")
 
