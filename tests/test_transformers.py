@@ -16,10 +16,10 @@ from conftest import TINY_TASK
 
 transformers = pytest.importorskip("transformers")
 
-import arcvit  # noqa: E402
-from arcvit import ARCConfig  # noqa: E402
-from arcvit.core.adapter_file import adapter_tensors, read_adapter  # noqa: E402
-from arcvit.errors import AdapterFileError, ModelError  # noqa: E402
+import arcvit
+from arcvit import ARCConfig
+from arcvit.core.adapter_file import adapter_tensors, read_adapter
+from arcvit.errors import AdapterFileError, ModelError
 
 SMALL = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, image_size=32, patch_size=8)
 SWIN = dict(image_size=32, patch_size=4, embed_dim=16, depths=[2, 2], num_heads=[2, 4], window_size=4,
@@ -264,6 +264,7 @@ def test_timm_and_transformers_vit_agree_before_and_after_arc(tmp_path, one_thre
 
 # --- the command line on a local save_pretrained folder ---
 
+@pytest.mark.slow  # seven `arcvit` processes: ~1 min on two busy cores
 def test_cli_trains_evaluates_merges_and_predicts(tiny_data, arcvit_cli, tmp_path):
     folder = tmp_path / "vit"
     T.ViTModel(T.ViTConfig(**SMALL, intermediate_size=64), add_pooling_layer=False).save_pretrained(folder)
@@ -296,6 +297,7 @@ def test_cli_trains_evaluates_merges_and_predicts(tiny_data, arcvit_cli, tmp_pat
 
 def test_missing_transformers_names_the_extra(monkeypatch):
     import sys
+
     from arcvit.backends import create_backbone
     monkeypatch.setitem(sys.modules, "transformers", None)  # import transformers -> ImportError
     for name in [n for n in sys.modules if n.startswith("arcvit.backends.transformers")]:

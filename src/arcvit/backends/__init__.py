@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch.nn as nn
+from torch import nn
 
 TRANSFORMERS_PREFIX = "transformers:"
 

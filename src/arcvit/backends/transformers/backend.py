@@ -1,7 +1,7 @@
 """The transformers ModelBackend: which models it owns, their classifier head, and their identity in adapter files."""
 from __future__ import annotations
 
-import torch.nn as nn
+from torch import nn
 from transformers import PreTrainedModel
 
 from arcvit.backends.transformers.heads import TransformersClassifier, has_own_head

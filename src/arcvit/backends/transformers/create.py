@@ -11,8 +11,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import torch.nn as nn
 import transformers
+from torch import nn
 from transformers import AutoConfig, AutoImageProcessor, AutoModel
 from transformers.utils import logging as hf_logging
 
@@ -26,7 +26,7 @@ RESAMPLE = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box", 5
 
 def source_of(name: str) -> str:
     """``transformers:ORG/NAME`` -> ``ORG/NAME`` (a hub id or a local folder)."""
-    source = name[len(PREFIX):] if name.startswith(PREFIX) else name
+    source = name.removeprefix(PREFIX)
     if not source:
         raise ModelError(f"backbone {name!r}: name a hub id or a local folder after {PREFIX!r}")
     return source
@@ -132,7 +132,8 @@ def _load_checkpoint(model: TransformersClassifier, path: Path) -> None:
     try:
         missing, unexpected = model.load_state_dict(state, strict=False)
     except RuntimeError as e:  # a tensor of another shape
-        raise ModelError(f"{path}: does not fit {type(model.model).__name__} ({str(e).splitlines()[-1].strip()})") from None
+        reason = str(e).splitlines()[-1].strip()
+        raise ModelError(f"{path}: does not fit {type(model.model).__name__} ({reason})") from None
     inner = [k[len("model."):] for k in missing if k.startswith("model.")]
     if len(inner) == len(missing):  # a merged file from a model whose unused pooler was dropped
         _drop_unloaded_pooler(model.model, str(path), inner)

@@ -15,7 +15,7 @@ needs ARCConfig(bias=False).
 """
 from __future__ import annotations
 
-import torch.nn as nn
+from torch import nn
 from transformers.models.clip.modeling_clip import CLIPEncoderLayer
 from transformers.models.deit.modeling_deit import DeiTLayer
 from transformers.models.dinov2.modeling_dinov2 import Dinov2Layer
@@ -35,7 +35,8 @@ def _reader(linear: nn.Linear, is_key: bool = False) -> Reader:
 
 def _attention_linears(host: nn.Module) -> tuple[nn.Linear, nn.Linear, nn.Linear]:
     """The separate query, key and value Linears of an attention module (Swinv2 keeps them in ``.self``)."""
-    for owner, names in ((host, ("q_proj", "k_proj", "v_proj")), (getattr(host, "self", None), ("query", "key", "value"))):
+    layouts = ((host, ("q_proj", "k_proj", "v_proj")), (getattr(host, "self", None), ("query", "key", "value")))
+    for owner, names in layouts:
         found = [getattr(owner, n, None) for n in names] if owner is not None else []
         if found and all(isinstance(m, nn.Linear) for m in found):
             return found[0], found[1], found[2]
