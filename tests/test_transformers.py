@@ -304,3 +304,12 @@ def test_missing_transformers_names_the_extra(monkeypatch):
         monkeypatch.delitem(sys.modules, name)
     with pytest.raises(ModelError, match=r"arcvit\[transformers\]"):
         create_backbone("transformers:google/vit-base-patch16-224", 10)
+
+
+def test_hub_id_offline_fails_fast_and_clearly(monkeypatch):
+    from huggingface_hub import constants
+
+    from arcvit.backends import create_backbone
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(ModelError, match="Offline.*save_pretrained"):
+        create_backbone("transformers:nobody/not-cached-here", 10)

@@ -75,6 +75,29 @@ def create_backbone(name: str, num_classes: int, checkpoint: str | Path | None =
                     drop_path_rate: float = 0.0) -> TransformersClassifier:
     """A transformers vision model with a ``num_classes`` head: its own one, or one added the family's way."""
     source = source_of(name)
+    with _offline_if_unreachable(source):
+        return _create(source, num_classes, checkpoint, pretrained, drop_path_rate)
+
+
+@contextlib.contextmanager
+def _offline_if_unreachable(source: str) -> Iterator[None]:
+    """A hub id with the Hub unreachable: huggingface_hub's offline mode (cache only, no minute of retries)."""
+    from huggingface_hub import constants
+
+    from arcvit.backends.timm.hub import hub_reachable
+    if Path(source).is_dir() or hub_reachable():
+        yield
+        return
+    before = constants.HF_HUB_OFFLINE
+    constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = before
+
+
+def _create(source: str, num_classes: int, checkpoint: str | Path | None, pretrained: bool,
+            drop_path_rate: float) -> TransformersClassifier:
     try:
         config = AutoConfig.from_pretrained(source)
     except (OSError, ValueError) as e:
