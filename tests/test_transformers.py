@@ -111,10 +111,10 @@ def with_reference_hooks(model: torch.nn.Module, tensors: dict[str, torch.Tensor
             getattr(block, host).register_forward_pre_hook(hook, with_kwargs=True)
 
 
-def adapted_and_reference(family: str, tmp_path):
+def adapted_and_reference(family: str, tmp_path, impl: str = "sequential"):
     model = build(family)
     reference = copy.deepcopy(model)
-    arcvit.apply_arc(model, arc_config(family))
+    arcvit.apply_arc(model, arc_config(family, impl=impl))
     perturb_trainable(model)
     arcvit.save_adapter(model, tmp_path / "adapter")
     contents = read_adapter(tmp_path / "adapter")
@@ -125,9 +125,10 @@ def adapted_and_reference(family: str, tmp_path):
     return model, reference
 
 
+@pytest.mark.parametrize("impl", ["sequential", "fused"])
 @pytest.mark.parametrize("family", FAMILIES)
-def test_forward_equals_the_papers_formula(family, tmp_path, one_thread):
-    model, reference = adapted_and_reference(family, tmp_path)
+def test_forward_equals_the_papers_formula(family, impl, tmp_path, one_thread):
+    model, reference = adapted_and_reference(family, tmp_path, impl)
     x = images()
     with torch.no_grad():
         assert torch.allclose(output(model, x), output(reference, x), atol=1e-5, rtol=1e-4)

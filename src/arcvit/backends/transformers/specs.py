@@ -74,9 +74,20 @@ def _cosine_attention(model: nn.Module, host: nn.Module) -> bool:
     return False
 
 
-def _pre_norm(name: str, block: type, norms: tuple[str, str], hosts: tuple[str, str]) -> BlockSpec:
+def _mlp_only(block: nn.Module, position: str) -> bool:
+    """Swin pads its windows after the attention's norm: only the MLP's norm feeds its readers token for token."""
+    return position == "mlp"
+
+
+def _never(block: nn.Module, position: str) -> bool:
+    """Swinv2's norms follow each branch: none produces a site input."""
+    return False
+
+
+def _pre_norm(name: str, block: type, norms: tuple[str, str], hosts: tuple[str, str],
+              norm_feeds_site=lambda block, position: True) -> BlockSpec:
     places = {"att": Place(norms[0], hosts[0]), "mlp": Place(norms[1], hosts[1])}
-    return BlockSpec(name, (block,), readers, single_linear, _softmax_attention, places)
+    return BlockSpec(name, (block,), readers, single_linear, _softmax_attention, places, norm_feeds_site)
 
 
 SPECS = (
@@ -87,10 +98,12 @@ SPECS = (
               ("attention", "mlp")),
     _pre_norm("transformers.clip", CLIPEncoderLayer, ("layer_norm1", "layer_norm2"), ("self_attn", "mlp")),
     _pre_norm("transformers.siglip", SiglipEncoderLayer, ("layer_norm1", "layer_norm2"), ("self_attn", "mlp")),
-    _pre_norm("transformers.swin", SwinLayer, ("layernorm_before", "layernorm_after"), ("attention", "mlp")),
+    _pre_norm("transformers.swin", SwinLayer, ("layernorm_before", "layernorm_after"), ("attention", "mlp"),
+              _mlp_only),
     # res-post-norm: no norm feeds the site; ``layernorm_before``/``layernorm_after`` follow each branch
     BlockSpec("transformers.swinv2", (Swinv2Layer,), readers, single_linear, _cosine_attention,
-              {"att": Place("layernorm_before", "attention"), "mlp": Place("layernorm_after", "intermediate")}),
+              {"att": Place("layernorm_before", "attention"), "mlp": Place("layernorm_after", "intermediate")},
+              _never),
 )
 
 
