@@ -1,1 +1,22 @@
-"""Model libraries arcvit adapts: each backend registers its block specs and model hooks with the core."""
+"""Model libraries arcvit adapts: each backend registers its block specs and model hooks with the core.
+
+``create_backbone`` is the one entry point for a backbone by name: ``transformers:ORG/NAME`` (a hub id or a
+local folder) goes to the transformers backend, imported only then; any other name is a timm model.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from torch import nn
+
+TRANSFORMERS_PREFIX = "transformers:"
+
+
+def create_backbone(name: str, num_classes: int, checkpoint: str | Path | None = None, pretrained: bool = True,
+                    **kwargs) -> nn.Module:
+    """A backbone with a fresh ``num_classes`` head, from the library its name points to."""
+    if name.startswith(TRANSFORMERS_PREFIX):
+        from arcvit.backends.transformers import create_backbone as create  # ModelError without transformers
+    else:
+        from arcvit.backends.timm.create import create_backbone as create
+    return create(name, num_classes, checkpoint=checkpoint, pretrained=pretrained, **kwargs)

@@ -24,7 +24,8 @@ class _Parser(argparse.ArgumentParser):
 def _add_backbone(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backbone", default=DEFAULT_BACKBONE,
                    help=f"timm model name, with optional pretrained tag (default: {DEFAULT_BACKBONE}, "
-                        "arcvit's shipped self-pretrained ViT)")
+                        "arcvit's shipped self-pretrained ViT), or transformers:ORG/NAME (a Hugging Face hub id "
+                        "or a local save_pretrained folder)")
     p.add_argument("--checkpoint", help="local weights for the backbone: .npz (Google ViT), .safetensors, .pth")
     p.add_argument("--random-init", action="store_true", help="no pretrained weights (sanity baselines, tests)")
 
@@ -88,7 +89,7 @@ def cmd_train(args: argparse.Namespace) -> None:
 def _adapted_model(args: argparse.Namespace):
     """The backbone with the adapter from ``--adapter`` loaded (or a merged checkpoint from ``--merged``)."""
     import arcvit
-    from arcvit.backends.timm.create import create_backbone
+    from arcvit.backends import create_backbone
     from arcvit.core.adapter_file import read_adapter_config
     from arcvit.core.merged_file import read_merged_info
     if args.merged:

@@ -51,7 +51,8 @@ def add_bench_commands(sub: argparse._SubParsersAction) -> None:
                         "own row and joins its method's line in the plot (matched-parameter points: arc@4 lora@1)")
     p.add_argument("--seeds", nargs="+", type=int, default=[0], metavar="SEED", help="e.g. 0 1 2 (default: 0)")
     p.add_argument("--out", help="results folder (default: runs/bench_<suite>)")
-    p.add_argument("--backbone", help=f"timm model name (default: {DEFAULT_BACKBONE} for mini, "
+    p.add_argument("--backbone", help="timm model name or transformers:ORG/NAME "
+                                      f"(default: {DEFAULT_BACKBONE} for mini, "
                                       f"{SUITE_RUNS['vtab1k'].backbone} otherwise)")
     p.add_argument("--checkpoint", help="local weights for the backbone: .npz (Google ViT), .safetensors, .pth")
     p.add_argument("--config", help="suite recipe (TOML): [defaults], [methods.M], [tasks.T], [tasks.T.methods.M] "

@@ -190,10 +190,16 @@ class ARCLinear(ARCSite):
 
 
 class ARCInput(ARCSite):
-    """Any module (attention, MLP) whose first input is adapted first, for sites with several readers of x."""
+    """Any module (attention, MLP) whose first input is adapted first, for sites with several readers of x.
 
-    def forward(self, x: torch.Tensor, *args, **kwargs):
-        return self.inner(self.adapt(x), *args, **kwargs)
+    The input is the first positional argument, or ``hidden_states=`` where the block passes it by keyword
+    (transformers' CLIP and SigLIP layers call their attention that way).
+    """
+
+    def forward(self, *args, **kwargs):
+        if args:
+            return self.inner(self.adapt(args[0]), *args[1:], **kwargs)
+        return self.inner(**{**kwargs, "hidden_states": self.adapt(kwargs["hidden_states"])})
 
 
 class ARCNorm(ARCSite):

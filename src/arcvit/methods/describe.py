@@ -4,7 +4,7 @@ from __future__ import annotations
 import timm
 import torch
 
-from arcvit.backends.timm.create import create_backbone
+from arcvit.backends import create_backbone
 from arcvit.core.params import memory_estimate, parameter_breakdown
 from arcvit.methods.registry import prepare_model
 

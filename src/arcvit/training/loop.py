@@ -35,7 +35,7 @@ from lightning_fabric.utilities.seed import seed_everything
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from arcvit import __version__
-from arcvit.backends.timm.create import create_backbone
+from arcvit.backends import create_backbone
 from arcvit.core.adapter_file import save_adapter
 from arcvit.core.arc import is_adapted
 from arcvit.core.params import parameter_breakdown
