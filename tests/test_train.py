@@ -98,7 +98,7 @@ def test_same_seed_same_run(tmp_path, digits):
                                                    "test": (images[120:], labels[120:])})
     a = _run(tmp_path / "data", "digits", tmp_path / "a")
     b = _run(tmp_path / "data", "digits", tmp_path / "b")
-    c = _run(tmp_path / "data", "digits", tmp_path / "c", seed=1)
+    _run(tmp_path / "data", "digits", tmp_path / "c", seed=1)
     ta, tb, tc = (load_file(tmp_path / r / "adapter" / "adapter.safetensors") for r in "abc")
     assert all((ta[k] == tb[k]).all() for k in ta)
     assert any((ta[k] != tc[k]).any() for k in ta)

@@ -314,3 +314,26 @@ def test_hub_id_offline_fails_fast_and_clearly(monkeypatch):
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     with pytest.raises(ModelError, match="Offline.*save_pretrained"):
         create_backbone("transformers:nobody/not-cached-here", 10)
+
+
+def test_multitask_serves_transformers_tasks_in_one_mixed_batch(tmp_path, one_thread):
+    """Two tasks with different class counts on one HF ViT: a mixed batch gives each image its own task's
+    logits, as that task's own adapted model does."""
+    from arcvit.backends.transformers import TransformersClassifier
+    from arcvit.serving import MultiTask
+    own = {}
+    for task, classes, seed in (("a", 3, 1), ("b", 5, 2)):
+        model = TransformersClassifier(build("vit"), num_classes=classes)
+        arcvit.apply_arc(model, ARCConfig(rank=RANK, dropout=0.0, zero_head=False))
+        perturb_trainable(model, seed)
+        arcvit.save_adapter(model, tmp_path / task)
+        own[task] = model.eval()
+    served = MultiTask(TransformersClassifier(build("vit"), num_classes=0))
+    for task in own:
+        served.add(task, tmp_path / task)
+    x, tasks = images(4), ["a", "b", "b", "a"]
+    with torch.no_grad():
+        logits = served.predict(x, tasks)
+        for i, task in enumerate(tasks):
+            torch.testing.assert_close(logits[i], own[task](x[i:i + 1])[0], rtol=1e-5, atol=1e-5)
+    assert [len(t) for t in logits] == [3, 5, 5, 3]

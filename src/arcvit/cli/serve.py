@@ -36,7 +36,7 @@ def _check(args: argparse.Namespace) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
-    from arcvit.backends.timm.create import create_backbone
+    from arcvit.backends import create_backbone
     from arcvit.serving import MultiTask, ServeSettings, load_tasks, serve
     _check(args)
     backbone = create_backbone(args.backbone, 0, checkpoint=args.checkpoint, pretrained=not args.random_init)

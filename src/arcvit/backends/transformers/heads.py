@@ -77,7 +77,8 @@ class TransformersClassifier(nn.Module):
     """``model`` (a transformers vision model) with a classifier head; ``forward(images) -> logits``.
 
     It answers the timm-style calls arcvit makes on a backbone: ``pretrained_cfg`` (preprocessing),
-    ``get_classifier``, ``reset_classifier`` and ``set_grad_checkpointing``.
+    ``get_classifier``, ``reset_classifier``, ``set_grad_checkpointing``, and ``num_features`` /
+    ``forward_features`` / ``forward_head(pre_logits=True)`` that multi-task serving runs per-task heads on.
     """
 
     def __init__(self, model: nn.Module, num_classes: int, pool: str | None = None,
@@ -97,8 +98,25 @@ class TransformersClassifier(nn.Module):
             self.reset_classifier(num_classes)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        output = self.model(pixel_values=images)
-        return output.logits if self.head is None else self.head(pooled(output, self.pool, self.skip))
+        output = self.forward_features(images)
+        return output.logits if self.head is None else self.forward_head(output)
+
+    @property
+    def num_features(self) -> int:
+        """Width of the pooled feature the head reads."""
+        return self.get_classifier().in_features
+
+    def forward_features(self, images: torch.Tensor):
+        """The wrapped model's own output."""
+        return self.model(pixel_values=images)
+
+    def forward_head(self, output, pre_logits: bool = False) -> torch.Tensor:
+        """The pooled feature (``pre_logits``) or the logits, from ``forward_features``' output."""
+        if self.head is None:
+            raise ModelError(f"{type(self.model).__name__} pools inside its own classifier; for per-task heads "
+                             "use its base model (e.g. ViTModel rather than ViTForImageClassification)")
+        features = pooled(output, self.pool, self.skip)
+        return features if pre_logits else self.head(features)
 
     def get_classifier(self) -> nn.Module:
         return self.model.classifier if self.head is None else self.head
