@@ -12,7 +12,8 @@ import pytest
 from PIL import Image
 
 from arcvit.data.layouts import load_split, warn_unseen_classes
-from arcvit.errors import DataError, DataWarning
+from arcvit.errors import DataWarning
+from test_data_layouts import raises_data_error as data_error  # noqa: E402  (the layouts tests' own check)
 
 
 def write_task(root: Path, name: str, lines: dict[str, list[str]], images: int = 6) -> Path:
@@ -26,14 +27,6 @@ def write_task(root: Path, name: str, lines: dict[str, list[str]], images: int =
     return task
 
 
-def data_error(call, *parts: str) -> str:
-    with pytest.raises(DataError) as info:
-        call()
-    message = str(info.value)
-    assert "\n" not in message
-    for part in parts:
-        assert part in message, (part, message)
-    return message
 
 
 def data_warnings(call) -> list[str]:

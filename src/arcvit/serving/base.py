@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import threading
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn as nn
@@ -68,6 +68,16 @@ class TaskModel:
 
     def _forward(self, images: torch.Tensor, tasks: list[str]) -> list[torch.Tensor]:
         raise NotImplementedError
+
+
+def per_task(tasks: list[str], run: Callable[[str, list[int]], torch.Tensor]) -> list[torch.Tensor]:
+    """One output per item: ``run(name, index)`` computes the rows of the items ``index`` of task ``name``."""
+    out: list[torch.Tensor] = [torch.empty(0)] * len(tasks)
+    for name in dict.fromkeys(tasks):
+        index = [i for i, t in enumerate(tasks) if t == name]
+        for i, row in zip(index, run(name, index)):
+            out[i] = row
+    return out
 
 
 def load_tasks(model: TaskModel, root: Path) -> list[str]:

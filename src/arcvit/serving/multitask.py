@@ -18,7 +18,7 @@ import torch.nn as nn
 from arcvit.core.adapter_file import load_adapter, read_adapter
 from arcvit.core.arc import backbone_fingerprint, delete_adapter, merge, routed, set_active_adapter
 from arcvit.errors import AdapterFileError
-from arcvit.serving.base import TaskModel
+from arcvit.serving.base import TaskModel, per_task
 from arcvit.serving.tasks import TaskInfo, UnknownTask
 
 
@@ -106,9 +106,4 @@ class MultiTask(TaskModel):
             with routed(self.backbone, [self._adapters[tasks[i]] for i in shared]):
                 features = self.backbone.forward_features(part)
             pooled[shared] = self.backbone.forward_head(features, pre_logits=True)
-        out: list[torch.Tensor] = [torch.empty(0)] * len(tasks)
-        for name in dict.fromkeys(tasks):
-            index = [i for i, t in enumerate(tasks) if t == name]
-            for i, logits in zip(index, self._heads[name](pooled[index])):
-                out[i] = logits
-        return out
+        return per_task(tasks, lambda name, index: self._heads[name](pooled[index]))

@@ -10,7 +10,7 @@ import torch.nn as nn
 
 import arcvit
 from arcvit.core.adapter_file import read_adapter_config
-from arcvit.serving.base import TaskModel
+from arcvit.serving.base import TaskModel, per_task
 from arcvit.serving.tasks import TaskInfo
 
 
@@ -39,9 +39,4 @@ class SeparateModels(TaskModel):
         return [self.backbone, *self._models.values()]
 
     def _forward(self, images: torch.Tensor, tasks: list[str]) -> list[torch.Tensor]:
-        out: list[torch.Tensor] = [torch.empty(0)] * len(tasks)
-        for name in dict.fromkeys(tasks):
-            index = [i for i, t in enumerate(tasks) if t == name]
-            for i, logits in zip(index, self._models[name](images[index])):
-                out[i] = logits
-        return out
+        return per_task(tasks, lambda name, index: self._models[name](images[index]))
