@@ -8,6 +8,7 @@ for a model with a projection, its image embedding. The choice (``pool``) is rec
 """
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import torch
@@ -67,7 +68,9 @@ def pooled(output: Any, pool: str, skip: int) -> torch.Tensor:
 
 
 def _new_linear(model: nn.Module, in_features: int, num_classes: int) -> nn.Linear:
-    head = nn.Linear(in_features, num_classes)
+    with warnings.catch_warnings():  # num_classes=0 (a headless backbone for serving): torch notes a no-op init
+        warnings.simplefilter("ignore", UserWarning)
+        head = nn.Linear(in_features, num_classes)
     nn.init.normal_(head.weight, std=getattr(model.config, "initializer_range", 0.02))
     nn.init.zeros_(head.bias)
     return head.to(device=next(model.parameters()).device, dtype=next(model.parameters()).dtype)
