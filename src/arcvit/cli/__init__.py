@@ -48,7 +48,7 @@ RECIPE_HELP = ("recipe (TOML/JSON): [defaults], [tasks.<task>], [methods.<method
 def _train_flags(p: argparse.ArgumentParser, config_help: str = RECIPE_HELP) -> None:
     """--method, --config and one flag per TrainConfig setting."""
     from arcvit.methods import METHODS
-    from arcvit.training.config import TrainConfig
+    from arcvit.training.config import ARC_IMPLS, TrainConfig
     defaults = TrainConfig()
     p.add_argument("--method", default=defaults.method, choices=METHODS)
     p.add_argument("--config", help=config_help)
@@ -60,8 +60,10 @@ def _train_flags(p: argparse.ArgumentParser, config_help: str = RECIPE_HELP) -> 
         if isinstance(value, bool):
             p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None)
         else:
-            kind = {"rank": int, "adapter_dropout": float}.get(f.name, type(value))
-            p.add_argument(flag, type=kind, default=None, help=f"default: {value}")
+            kind = {"rank": int, "adapter_dropout": float, "arc_impl": str}.get(f.name, type(value))
+            choices = ARC_IMPLS if f.name == "arc_impl" else None
+            default = value if value is not None else "the method's own"
+            p.add_argument(flag, type=kind, choices=choices, default=None, help=f"default: {default}")
 
 
 def _train_config(args: argparse.Namespace):

@@ -61,7 +61,7 @@ def _methods_layers(value: Any, where: str, reserved: tuple[str, ...]) -> dict[s
         raise ConfigError(f"{where}: expected [<method>] tables")
     unknown = sorted(set(value) - set(METHODS))
     if unknown:
-        raise ConfigError(f"{where}: unknown method(s) {', '.join(unknown)}; choose from {', '.join(METHODS)}")
+        raise ConfigError(f"{where}]: unknown method(s) {', '.join(unknown)}; choose from {', '.join(METHODS)}")
     return {m: _layer(v, f"{where}.{m}]", reserved) for m, v in value.items()}
 
 
