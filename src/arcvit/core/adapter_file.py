@@ -56,10 +56,6 @@ def backbone_identity(model: nn.Module) -> dict:
     return backend_for(model).identity(model)
 
 
-def backbone_name(model: nn.Module) -> str:
-    return backbone_identity(model)["name"]
-
-
 def adapter_tensors(model: nn.Module, name: str) -> dict[str, nn.Parameter]:
     """Adapter ``name``'s parameters under their file names (``shared.*``, ``site.*``)."""
     out = {f"shared.{n}": p for n, p in shared_sets(model)[name].named_parameters()}

@@ -274,13 +274,6 @@ def delete_adapter(model: nn.Module, name: str) -> nn.Module:
     return model
 
 
-def remove_arc(model: nn.Module) -> nn.Module:
-    """Take every adapter out without folding (the backbone's own weights are untouched by ARC)."""
-    _require(model)
-    _unwrap_all(model)
-    return model
-
-
 def backbone_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The frozen backbone's tensors under the library's own names: no adapter, no head, wrappers unwrapped."""
     skip = set(adapter_parameter_names(model)) | head_parameter_names(model)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import io
 import warnings
 
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from arcvit.errors import DataError
 
@@ -42,4 +42,6 @@ def decode_image(data: bytes, max_pixels: int = MAX_PIXELS) -> Image.Image:
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise UploadError(f"image: refused as a decompression bomb ({e})", status=413) from None
     except Exception as e:  # noqa: BLE001  any decoder failure on untrusted bytes is a bad upload, not a crash
-        raise UploadError(f"image: not a readable image ({type(e).__name__}: {e})") from None
+        # PIL names the in-memory buffer (its address) in some messages: keep only what says why
+        detail = str(e).split(" <_io.")[0] if isinstance(e, UnidentifiedImageError) else str(e)
+        raise UploadError(f"image: not a readable image ({type(e).__name__}: {detail})") from None
