@@ -30,6 +30,12 @@ TUNE_SET_FIELDS = ("method", "protocol")  # tune sets these itself
 PRUNER_STARTUP_TRIALS = 3  # the median pruner stops nothing before this many trials have finished
 
 
+def sampler_startup_trials(trials: int) -> int:
+    """Random draws before TPE models the results: a third of the budget, at least 4 and at most Optuna's
+    default 10 (with its default, a 12-trial search would be 10 random draws and only 2 guided ones)."""
+    return min(10, max(4, trials // 3))
+
+
 def _optuna():
     """optuna, imported only when a search runs (``arcvit --help`` and ``report`` never need it)."""
     try:
@@ -160,7 +166,7 @@ def open_study(job: TuneJob, resume: bool = False) -> Any:
     if resume and not job.storage:
         _retry_interrupted(study)
     seed = job.settings().seed + len(study.trials)  # a resumed search does not replay the sampler's draws
-    study.sampler = optuna.samplers.TPESampler(seed=seed)
+    study.sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=sampler_startup_trials(job.trials))
     return study
 
 
