@@ -47,7 +47,7 @@ from arcvit.core.layers import ARCSite  # noqa: E402
 from arcvit.fileio import write_json, write_safetensors, write_text  # noqa: E402
 from arcvit.serving import MultiTask, SeparateModels, load_tasks  # noqa: E402
 
-ROUTINGS = ("gather", "bmm")
+ROUTINGS = ("bmm", "groups")
 CORE_ADAPT = ARCSite.adapt
 BATCH = 32
 SPREADS = (1, 4, 16)
@@ -97,37 +97,28 @@ def images(model: nn.Module, count: int) -> torch.Tensor:
     return torch.randn(count, *size, generator=torch.Generator().manual_seed(1))
 
 
-def adapt_bmm(site: ARCSite, x: torch.Tensor) -> torch.Tensor:
-    """The alternative to the core's per-task index groups: every item's adapter as one batched matmul.
-
-    Each task's D*c and D^T are zero-padded to the largest rank (a task absent at this site gets zeros: the
-    identity), gathered per item, and applied with two ``bmm`` over the item's rows (Swin's windows included).
-    """
+def adapt_groups(site: ARCSite, x: torch.Tensor) -> torch.Tensor:
+    """The alternative to the core's batched matmul: each task's items gathered by index, run through their
+    adapter, and scattered back (one index_select, adapter and index_copy per task and site)."""
     route = site.state.route
-    if route is None:
+    if route is None or route.single is not None:
         return CORE_ADAPT(site, x)
-    adapters = [site.get(name) for name, _ in route.groups]
-    width, rank = x.shape[-1], max(a.scale.numel() for a in adapters if a is not None)
-    down, up = x.new_zeros(len(adapters), width, rank), x.new_zeros(len(adapters), rank, width)
-    bias, ids = x.new_zeros(len(adapters), 1, width), torch.empty(route.size, dtype=torch.long)
-    for t, ((_, index), adapter) in enumerate(zip(route.groups, adapters)):
-        ids[index] = t
-        if adapter is not None:
-            r = adapter.scale.numel()
-            down[t, :, :r], up[t, :r] = adapter.down_proj * adapter.scale, adapter.down_proj.t()
-            if adapter.bias is not None:
-                bias[t, 0] = adapter.bias
-    rows = x.reshape(route.size, -1, width)
-    return (rows + torch.bmm(torch.bmm(rows, down[ids]), up[ids]) + bias[ids]).reshape(x.shape)
+    per, out = x.shape[0] // route.size, torch.empty_like(x)
+    offsets = torch.arange(per)
+    for t, name in enumerate(route.names):
+        index = ((route.ids == t).nonzero().flatten()[:, None] * per + offsets).flatten()
+        part, adapter = x.index_select(0, index), site.get(name)
+        out.index_copy_(0, index, adapter(part) if adapter is not None else part)
+    return out
 
 
 @contextlib.contextmanager
 def routing(method: str):
-    """Route mixed batches the core's way ("gather": per-task index groups) or by batched matmul ("bmm")."""
-    if method == "gather":
+    """Route mixed batches the core's way ("bmm": per-item batched matmuls) or by per-task index groups."""
+    if method == "bmm":
         yield
         return
-    ARCSite.adapt = adapt_bmm
+    ARCSite.adapt = adapt_groups
     try:
         yield
     finally:
@@ -154,9 +145,9 @@ def interleaved_samples(calls: dict[str, Callable[[], object]], warmup: int, rep
     return samples
 
 
-def bench_latency(model_name: str, root: Path, args: argparse.Namespace) -> dict[str, Any]:
+def bench_latency(model_name: str, rank: int, root: Path, args: argparse.Namespace) -> dict[str, Any]:
     """Median ms of one batch of 32: plain timm model vs MultiTask at each spread, per routing method."""
-    names = write_tasks(model_name, root, max(SPREADS), args.rank)
+    names = write_tasks(model_name, root, max(SPREADS), rank)
     plain = backbone(model_name, 100)
     multi = MultiTask(backbone(model_name))
     load_tasks(multi, root)
@@ -170,7 +161,7 @@ def bench_latency(model_name: str, root: Path, args: argparse.Namespace) -> dict
     # On a shared CPU, other jobs only ever add time: the fastest round is the least disturbed one.
     ms = {k: min(v) for k, v in samples.items()}
     median = {k: statistics.median(v) for k, v in samples.items()}
-    return {"model": MODELS[model_name][0], "rank": args.rank, "batch": BATCH, "ms": ms, "median_ms": median,
+    return {"model": MODELS[model_name][0], "rank": rank, "batch": BATCH, "ms": ms, "median_ms": median,
             "ratio": {k: v / ms["plain"] for k, v in ms.items() if k != "plain"},
             "median_ratio": {k: v / median["plain"] for k, v in median.items() if k != "plain"}}
 
@@ -362,7 +353,7 @@ def render(report: dict[str, Any]) -> str:
         lines += [md_table(["routing", *(f"{s} task{'s' * (s > 1)}" for s in SPREADS)], rows), ""]
         verdicts = [f"{m} {lat['ratio'][f'{m}/16']:.3f}x ({'met' if lat['ratio'][f'{m}/16'] <= GOAL else 'NOT met'})"
                     for m in methods]
-        lines += [f"Goal <= {GOAL:.2f}x plain at 16 tasks: {'; '.join(verdicts)}. MultiTask routes with `gather` "
+        lines += [f"Goal <= {GOAL:.2f}x plain at 16 tasks: {'; '.join(verdicts)}. MultiTask routes with `bmm` "
                   "(the core's).", ""]
     lines += ["## Memory added per task", "", md_table(
         ["backbone", "rank", "classes", "backbone bytes", "added by one task", "adapter + head parameters"],
@@ -385,7 +376,8 @@ def render(report: dict[str, Any]) -> str:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path, default=Path("docs/serve"))
-    p.add_argument("--models", default="pico,vit_small", help="comma-separated: pico, vit_small")
+    p.add_argument("--models", default="pico,pico:16,vit_small",
+                   help="comma-separated: pico, vit_small; NAME:RANK measures at that rank instead of --rank")
     p.add_argument("--rank", type=int, default=50)
     p.add_argument("--threads", type=int, default=1, help="torch threads (set OMP_NUM_THREADS alike)")
     p.add_argument("--warmup", type=int, default=1)
@@ -411,8 +403,10 @@ def main(argv: list[str] | None = None) -> None:
                               "memory": [], "load": []}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        for name in args.models.split(","):
-            report["latency"].append(bench_latency(name, tmp / f"latency_{name}", args))
+        for entry in args.models.split(","):
+            name, _, rank = entry.partition(":")
+            folder = tmp / f"latency_{name}_{rank or args.rank}"
+            report["latency"].append(bench_latency(name, int(rank or args.rank), folder, args))
             print(json.dumps(report["latency"][-1]), flush=True)
         for name in args.memory_models.split(","):
             report["memory"].append(bench_memory(name, tmp / f"memory_{name}", args.rank))

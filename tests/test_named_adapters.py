@@ -87,6 +87,60 @@ def test_routed_mixed_batch_equals_each_adapter_alone(family):
         torch.testing.assert_close(mixed[i], alone[name][i], rtol=1e-5, atol=1e-5)
 
 
+def _three_adapters() -> torch.nn.Module:
+    """a: arc rank 4; b: arc_att rank 6 (no MLP sites); c: arc rank 5 on blocks 0 and 2 only."""
+    model = _two_adapters()
+    arcvit.apply_arc(model, arcvit.ARCConfig(rank=5, blocks=(0, 2), dropout=0.0, zero_head=False), name="c")
+    _perturb(model, 3)
+    return model.eval()
+
+
+def _alone(model: torch.nn.Module, x: torch.Tensor, names: list[str]) -> torch.Tensor:
+    """Each item through its own adapter, one adapter at a time (the reference for routing)."""
+    rows = []
+    for i, name in enumerate(names):
+        set_active_adapter(model, name)
+        rows.append(model(x[i:i + 1]))
+    return torch.cat(rows)
+
+
+def test_routing_mixes_adapters_of_different_ranks_positions_and_blocks():
+    model, x = _three_adapters(), torch.randn(7, 3, 28, 28)
+    names = ["c", "a", "b", "c", "a", "b", "b"]
+    with torch.no_grad():
+        expected = _alone(model, x, names)
+        with routed(model, names):
+            mixed = model(x)
+        with routed(model, ["c"] * 7):  # one task: the plain active-adapter path
+            single = model(x)
+    torch.testing.assert_close(mixed, expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(single, _alone(model, x, ["c"] * 7), rtol=1e-5, atol=1e-5)
+
+
+def test_a_routed_batch_trains_each_adapter_on_its_own_items():
+    model, x = _three_adapters(), torch.randn(6, 3, 28, 28)
+    names = ["a", "b", "c", "c", "b", "a"]
+    params = [p for n, p in model.named_parameters() if n.startswith("arc_") or ".adapter_" in n]
+    for p in params:
+        p.requires_grad_(True)
+    with routed(model, names):
+        routed_grads = torch.autograd.grad(model(x).square().sum(), params, allow_unused=True)
+    reference = torch.autograd.grad(_alone(model, x, names).square().sum(), params, allow_unused=True)
+    assert sum(g is not None for g in routed_grads) == len(params)
+    for got, want in zip(routed_grads, reference):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5 * want.abs().max().item())
+
+
+def test_a_mixed_batch_in_training_mode_with_adapter_dropout_is_refused():
+    model = _model()
+    arcvit.apply_arc(model, arcvit.ARCConfig(rank=4), name="a")
+    arcvit.apply_arc(model, arcvit.ARCConfig(rank=4), name="b")
+    model.train()
+    with pytest.raises(ModelError, match="call model.eval"):
+        with routed(model, ["a", "b"]):
+            pass
+
+
 def test_merge_folds_the_active_adapter_and_delete_leaves_the_plain_model():
     model = _two_adapters()
     x = torch.randn(2, 3, 28, 28)

@@ -68,10 +68,16 @@ def arc_config(model: nn.Module, name: str | None = None) -> ARCConfig:
 
 @contextlib.contextmanager
 def routed(model: nn.Module, names: Sequence[str]) -> Iterator[None]:
-    """Inside, item ``i`` of every batch gets adapter ``names[i]`` at every site (one pass for mixed tasks)."""
+    """Inside, item ``i`` of every batch gets adapter ``names[i]`` at every site (one pass for mixed tasks).
+
+    For inference: in training mode with adapter dropout on, a mixed batch is refused (dropout is per adapter).
+    """
     state = _require(model)[0]
     for name in set(names):
         _require(model, name)
+    sets = shared_sets(model)
+    if model.training and len(set(names)) > 1 and any(sets[n].config.dropout > 0 for n in set(names)):
+        raise ModelError("routed(): a mixed-task batch runs without adapter dropout; call model.eval() first")
     state.route = Route(list(names), next(model.parameters()).device)
     try:
         yield

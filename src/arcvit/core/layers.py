@@ -104,24 +104,29 @@ class ARCAdapter(nn.Module):
 
 
 class Route:
-    """Which adapter each item of a mixed batch gets: ``groups`` pairs each adapter name with its item indices."""
+    """Which adapter each item of a mixed batch gets: item i gets ``names[ids[i]]`` (``names``: the batch's
+    adapters in order of first appearance). The down-projections gathered per item are kept here, so that every
+    site of a stage and position shares them within the one forward pass the route lives for."""
 
-    def __init__(self, names: list[str], device: torch.device) -> None:
-        self.size = len(names)
-        order = list(dict.fromkeys(names))
-        ids = torch.tensor([order.index(n) for n in names], device=device)
-        self.groups = [(name, (ids == i).nonzero().flatten()) for i, name in enumerate(order)]
+    def __init__(self, item_names: list[str], device: torch.device) -> None:
+        self.size = len(item_names)
+        self.names = list(dict.fromkeys(item_names))
+        position = {name: i for i, name in enumerate(self.names)}
+        self.ids = torch.tensor([position[name] for name in item_names], device=device)
+        self.down: dict[tuple, torch.Tensor] = {}
 
-    def items(self, leading: int) -> list[tuple[str, torch.Tensor]]:
-        """The groups for a tensor whose leading dimension is ``leading``: a whole multiple of the batch, with
-        each item's rows contiguous (Swin's windows are partitioned item by item)."""
-        if leading == self.size:
-            return self.groups
-        if leading % self.size:
-            raise RuntimeError(f"cannot route a leading dimension of {leading} over a batch of {self.size}")
-        per = leading // self.size
-        offsets = torch.arange(per, device=self.groups[0][1].device)
-        return [(name, (idx[:, None] * per + offsets).flatten()) for name, idx in self.groups]
+    @property
+    def single(self) -> str | None:
+        """The one adapter of a batch whose items all belong to one task, else None."""
+        return self.names[0] if len(self.names) == 1 else None
+
+
+def _stack(tensors: list[torch.Tensor | None], shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+    """``tensors`` stacked, each zero-padded to ``shape`` (None: all zeros). Zeros are exact: they add nothing."""
+    zeros = like.new_zeros(shape) if any(t is None for t in tensors) else None
+    return torch.stack([zeros if t is None else t if t.shape == shape else
+                        F.pad(t, [p for have, want in zip(reversed(t.shape), reversed(shape)) for p in (0, want - have)])
+                        for t in tensors])
 
 
 class ARCState:
@@ -156,14 +161,33 @@ class ARCSite(nn.Module):
 
     def adapt(self, x: torch.Tensor) -> torch.Tensor:
         route = self.state.route
-        if route is None:
-            adapter = self.current()
+        name = self.state.active if route is None else route.single
+        if route is None or name is not None:
+            adapter = self.get(name)
             return adapter(x) if adapter is not None else x
-        out = torch.empty_like(x)
-        for name, idx in route.items(x.shape[0]):
-            part, adapter = x.index_select(0, idx), self.get(name)
-            out.index_copy_(0, idx, adapter(part) if adapter is not None else part)
-        return out
+        return self._adapt_mixed(x, route)
+
+    def _adapt_mixed(self, x: torch.Tensor, route: Route) -> torch.Tensor:
+        """Each item through its own adapter, for the whole batch at once: its D, c and b are gathered per item
+        and applied with two batched matmuls over the item's rows (a Swin item's windows are contiguous)."""
+        adapters = [self.get(name) for name in route.names]
+        present = [a for a in adapters if a is not None]
+        if not present:
+            return x
+        width, rank = x.shape[-1], max(a.scale.numel() for a in present)
+        key = (present[0].stage, self.position, rank, tuple(a is not None for a in adapters))
+        if key not in route.down:
+            downs = [a.down_proj if a is not None else None for a in adapters]
+            route.down[key] = _stack(downs, (width, rank), x).index_select(0, route.ids)
+        down = route.down[key]
+        scale = _stack([a.scale if a is not None else None for a in adapters], (rank,), x).index_select(0, route.ids)
+        rows = x.reshape(route.size, -1, width)
+        codes = torch.bmm(rows, down) * scale[:, None, :]
+        out = torch.baddbmm(rows, codes, down.transpose(1, 2))
+        biases = [a.bias if a is not None else None for a in adapters]
+        if any(b is not None for b in biases):
+            out = out + _stack(biases, (width,), x).index_select(0, route.ids)[:, None, :]
+        return out.view(x.shape)
 
     def __getattr__(self, name: str):
         try:
