@@ -27,6 +27,7 @@ import timm
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
 
 import arcvit
 from arcvit import ARCConfig, apply_arc
@@ -201,14 +202,32 @@ def bench_training(args: argparse.Namespace, device: torch.device) -> dict[str, 
         F.cross_entropy(model(x), y).backward()
         optimizer.step()
 
+    counted = {"trainable_params": sum(p.numel() for p in params), "flops": step_flops(model, step)}
+    if args.flops_only:
+        return counted
     baseline = reset_peak_mib(device)
     first_step_ms = timed_ms(step, device)  # with torch.compile: mostly compilation
     for _ in range(args.warmup - 1):
         step()
     step_ms = statistics.median(timed_ms(step, device) for _ in range(args.steps))
-    return {"trainable_params": sum(p.numel() for p in params), "step_ms": step_ms,
-            "images_per_s": args.batch_size * 1e3 / step_ms, "peak_mib": peak_mib(device) - baseline,
-            "first_step_ms": first_step_ms}
+    return counted | {"step_ms": step_ms, "images_per_s": args.batch_size * 1e3 / step_ms,
+                      "peak_mib": peak_mib(device) - baseline, "first_step_ms": first_step_ms}
+
+
+def step_flops(model: nn.Module, step: Callable[[], None]) -> int:
+    """Floating-point operations of one training step, counted by torch's FlopCounterMode: the arithmetic a method
+    needs, whatever the machine. Attention runs as explicit matmuls while counting (the same arithmetic; CPU's
+    fused attention kernel has no FLOP formula), so every method's count includes it alike."""
+    fused = [m for m in model.modules() if getattr(m, "fused_attn", False) is True]
+    for m in fused:
+        m.fused_attn = False
+    try:
+        with FlopCounterMode(display=False) as counter:
+            step()
+    finally:
+        for m in fused:
+            m.fused_attn = True
+    return counter.get_total_flops()
 
 
 def run_worker(method: str, argv: list[str]) -> dict[str, Any]:
@@ -225,24 +244,28 @@ def run_worker(method: str, argv: list[str]) -> dict[str, Any]:
 
 
 def training_ratios(train: dict[str, dict[str, Any]]) -> None:
-    """Add each method's step-time and memory ratios to full fine-tuning, BitFit and LoRA, where those ran."""
+    """Add each method's step-time, memory and FLOP ratios to full fine-tuning, BitFit and LoRA, where those ran."""
     for reference in REFERENCES:
         if reference in train:
             for result in train.values():
-                result[f"step_vs_{reference}"] = result["step_ms"] / train[reference]["step_ms"]
-                result[f"mem_vs_{reference}"] = result["peak_mib"] / train[reference]["peak_mib"]
+                for measure, key in (("step", "step_ms"), ("mem", "peak_mib"), ("flops", "flops")):
+                    if key in result:
+                        result[f"{measure}_vs_{reference}"] = result[key] / train[reference][key]
 
 
-def goals(inference: dict[str, Any], train: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
-    """Issue 10's goals that this run can evaluate: training cost of arc and arc_att, and inference latency."""
+def goals(inference: dict[str, Any] | None, train: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """Issue 10's goals that this run can evaluate: training cost of arc and arc_att, and inference latency. A
+    step-time goal also gets the FLOP ratio: the arithmetic alone, below which no implementation goes."""
     out = [{"method": name, "measure": "latency", "reference": "plain", "ratio": inference["ratio_vs_plain"][name],
-            "limit": limit} for name, limit in INFERENCE_GOALS.items()]
+            "limit": limit} for name, limit in INFERENCE_GOALS.items()] if inference else []
     for name in (n for n in GOAL_METHODS if n in train):
         for measure, reference, limit in TRAIN_GOALS:
-            ratio = train[name].get(f"{measure}_vs_{reference}")
+            ratio, flops = train[name].get(f"{measure}_vs_{reference}"), train[name].get(f"flops_vs_{reference}")
+            if ratio is None and measure == "step" and flops is not None:  # --flops-only: the arithmetic's floor
+                measure, ratio, flops = "step FLOPs", flops, None
             if ratio is not None:
                 out.append({"method": name, "measure": measure, "reference": reference, "ratio": ratio,
-                            "limit": limit})
+                            "limit": limit, "flops_ratio": flops})
     return [goal | {"met": goal["ratio"] <= goal["limit"]} for goal in out]
 
 
@@ -270,6 +293,31 @@ def _ratio(result: dict[str, Any], key: str) -> str:
     return f"{result[key]:.2f}" if key in result else "-"
 
 
+def _training_table(train: dict[str, dict[str, Any]], timed: bool) -> str:
+    headers = ["method", "trainable params", "GFLOP / step", *(f"FLOPs x {r}" for r in REFERENCES)]
+    if timed:
+        headers += ["median ms / step", "first step ms", "images / s", *(f"x {r}" for r in REFERENCES),
+                    "peak MiB", *(f"mem x {r}" for r in REFERENCES)]
+    rows = []
+    for name, r in train.items():
+        row = [name, f"{r['trainable_params']:,}", f"{r['flops'] / 1e9:.1f}",
+               *(_ratio(r, f"flops_vs_{ref}") for ref in REFERENCES)]
+        if timed:
+            row += [f"{r['step_ms']:.1f}", f"{r['first_step_ms']:.0f}", f"{r['images_per_s']:.1f}",
+                    *(_ratio(r, f"step_vs_{ref}") for ref in REFERENCES), f"{r['peak_mib']:.1f}",
+                    *(_ratio(r, f"mem_vs_{ref}") for ref in REFERENCES)]
+        rows.append(row)
+    return md_table(headers, rows)
+
+
+def _goal_line(goal: dict[str, Any]) -> str:
+    line = (f"- {goal['method']}: {goal['measure']} {goal['ratio']:.3f}x {goal['reference']} "
+            f"(goal <= {goal['limit']:.2f}): {'met' if goal['met'] else 'NOT met'}")
+    if goal.get("flops_ratio") is not None:
+        line += f"; its arithmetic alone (FLOPs) is {goal['flops_ratio']:.3f}x"
+    return line
+
+
 def render(report: dict[str, Any]) -> str:
     """The whole report as markdown: machine, settings, inference, training and the goals."""
     s, inf, train = report["settings"], report["inference"], report["training"]
@@ -278,25 +326,22 @@ def render(report: dict[str, Any]) -> str:
              f"Settings: `{s['model']}`, {NUM_CLASSES} classes, random init, batch {s['batch_size']}, "
              f"{s['img_size']}x{s['img_size']}, fp32 (TF32 off), {s['warmup']} warm-up, "
              f"{s['repeats']} inference repeats, {s['steps']} training steps. "
-             f"ARC's default impl: `{s['arc_default_impl']}` (rows `arc`, `arc_att`, `arc_ckpt`, `arc_compile`).",
-             f"## Inference (eval, no grad, batch {s['batch_size']})",
-             md_table(["model", "median ms / batch", "x plain"],
-                      [[name, f"{ms:.2f}", f"{inf['ratio_vs_plain'][name]:.2f}"]
-                       for name, ms in inf["median_ms"].items()]),
-             f"Merged vs unmerged ARC, real mnist5k batch, fp32: max |logit diff| = "
-             f"{inf['max_abs_logit_diff']:.3g} (max |logit| = {inf['max_abs_logit']:.3g})."
-             + "".join(f" First (compiling) call of `{name}`: {sec:.1f} s."
-                       for name, sec in inf["first_call_s"].items()),
-             "## Training step (forward + backward + AdamW)",
-             md_table(["method", "trainable params", "median ms / step", "first step ms", "images / s",
-                       *(f"x {r}" for r in REFERENCES), "peak MiB", *(f"mem x {r}" for r in REFERENCES)],
-                      [[name, f"{r['trainable_params']:,}", f"{r['step_ms']:.1f}", f"{r['first_step_ms']:.0f}",
-                        f"{r['images_per_s']:.1f}", *(_ratio(r, f"step_vs_{ref}") for ref in REFERENCES),
-                        f"{r['peak_mib']:.1f}", *(_ratio(r, f"mem_vs_{ref}") for ref in REFERENCES)]
-                       for name, r in train.items()]),
-             "## Goals (issue 10)",
-             "\n".join(f"- {g['method']}: {g['measure']} {g['ratio']:.2f}x {g['reference']} "
-                       f"(goal <= {g['limit']:.2f}): {'met' if g['met'] else 'NOT met'}" for g in report["goals"])]
+             f"ARC's default impl: `{s['arc_default_impl']}` (rows `arc`, `arc_att`, `arc_ckpt`, `arc_compile`)."
+             + (" FLOPs only (`--flops-only`): nothing was timed." if s.get("flops_only") else "")]
+    if inf:
+        parts += [f"## Inference (eval, no grad, batch {s['batch_size']})",
+                  md_table(["model", "median ms / batch", "x plain"],
+                           [[name, f"{ms:.2f}", f"{inf['ratio_vs_plain'][name]:.2f}"]
+                            for name, ms in inf["median_ms"].items()]),
+                  f"Merged vs unmerged ARC, real mnist5k batch, fp32: max |logit diff| = "
+                  f"{inf['max_abs_logit_diff']:.3g} (max |logit| = {inf['max_abs_logit']:.3g})."
+                  + "".join(f" First (compiling) call of `{name}`: {sec:.1f} s."
+                            for name, sec in inf["first_call_s"].items())]
+    parts += ["## Training step (forward + backward + AdamW)",
+              _training_table(train, timed=not s.get("flops_only")),
+              "FLOPs: one step counted by `torch.utils.flop_counter.FlopCounterMode` (matmuls, convolutions and "
+              "attention; elementwise work is not counted).",
+              "## Goals (issue 10)", "\n".join(_goal_line(g) for g in report["goals"])]
     return "\n\n".join(parts) + "\n"
 
 
@@ -332,6 +377,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
     parser.add_argument("--threads", type=_positive, help="torch.set_num_threads (default: torch's choice)")
     parser.add_argument("--out", type=Path, help="write the report as JSON here and as markdown beside it (.md)")
+    parser.add_argument("--flops-only", action="store_true",
+                        help="count each method's FLOPs per training step and time nothing (any machine will do)")
     parser.add_argument("--worker", choices=TRAIN_METHODS, help=argparse.SUPPRESS)  # internal: one method
     args = parser.parse_args(argv)
     if args.out and args.out.suffix == ".md":
@@ -357,8 +404,10 @@ def main(argv: list[str] | None = None) -> None:
         print(json.dumps(bench_training(args, device)))
         return
 
-    print("inference ...", file=sys.stderr, flush=True)
-    inference = bench_inference(args, device)
+    inference = None
+    if not args.flops_only:
+        print("inference ...", file=sys.stderr, flush=True)
+        inference = bench_inference(args, device)
     train = {name: run_worker(name, argv) for name in args.methods}
     training_ratios(train)
     settings = {k: v for k, v in vars(args).items() if k != "worker"} | {
