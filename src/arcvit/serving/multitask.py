@@ -18,7 +18,7 @@ import torch.nn as nn
 from arcvit.core.adapter_file import load_adapter, read_adapter
 from arcvit.core.arc import backbone_fingerprint, delete_adapter, merge, routed, set_active_adapter
 from arcvit.errors import AdapterFileError
-from arcvit.serving.base import TaskModel, per_task
+from arcvit.serving.base import TaskModel
 from arcvit.serving.tasks import TaskInfo, UnknownTask
 
 
@@ -106,4 +106,17 @@ class MultiTask(TaskModel):
             with routed(self.backbone, [self._adapters[tasks[i]] for i in shared]):
                 features = self.backbone.forward_features(part)
             pooled[shared] = self.backbone.forward_head(features, pre_logits=True)
-        return per_task(tasks, lambda name, index: self._heads[name](pooled[index]))
+        return self._classify(pooled, tasks)
+
+    def _classify(self, pooled: torch.Tensor, tasks: list[str]) -> list[torch.Tensor]:
+        """Every image's logits from its own task's head, in one matmul: the heads of the batch's tasks side by
+        side, each image keeping its task's columns (at most one head per image, so the waste stays small)."""
+        names = list(dict.fromkeys(tasks))
+        heads = [self._heads[name] for name in names]
+        weight = torch.cat([h.weight for h in heads])
+        bias = torch.cat([h.bias if h.bias is not None else h.weight.new_zeros(h.out_features) for h in heads])
+        ends = list(itertools.accumulate(h.out_features for h in heads))
+        columns = {name: (end - h.out_features, end) for name, h, end in zip(names, heads, ends)}
+        logits = torch.addmm(bias, pooled, weight.t())
+        whole = (0, ends[-1])
+        return [row if columns[name] == whole else row[slice(*columns[name])] for row, name in zip(logits, tasks)]
