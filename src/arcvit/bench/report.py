@@ -200,6 +200,16 @@ def _merge_values(dicts: Sequence[Mapping[str, Any]]) -> dict[str, list[Any]]:
     return {key: list(values) for key, values in merged.items()}
 
 
+def _values_text(values: Sequence[Any]) -> str:
+    """A setting's values across one method's runs: each (3 significant digits), or their range when tuning
+    chose one per task."""
+    shown = ["–" if v is None else f"{v:.3g}" if isinstance(v, float) else str(v) for v in values]
+    numbers = [v for v in values if isinstance(v, (int, float)) and not isinstance(v, bool)]
+    if len(values) > 3 and len(numbers) == len(values):
+        return f"{min(numbers):.3g} to {max(numbers):.3g} ({len(values)} values, per task)"
+    return " / ".join(shown)
+
+
 def describe_runs(records: Sequence[Mapping[str, Any]], methods: Sequence[str] = ()) -> dict[str, Any]:
     """What the finished runs were: protocol, backbone, shared and per-method settings (methods in the order
     of ``methods``, then as found), versions, data fingerprints."""
@@ -212,8 +222,7 @@ def describe_runs(records: Sequence[Mapping[str, Any]], methods: Sequence[str] =
         mine = _merge_values([_with_method_defaults(r["settings"]["train"]) for r in done if r["method"] == method])
         if not mine:
             continue
-        per_method[method] = {k: " / ".join("–" if v is None else str(v) for v in mine.get(k, []))
-                              for k in values if k not in shared}
+        per_method[method] = {k: _values_text(mine.get(k, [])) for k in values if k not in shared}
     return {"protocol": sorted({_protocol_text(r["settings"]) for r in done}),
             "backbone": sorted({_backbone_text(r["settings"]) for r in done}),
             "seeds": sorted({r["seed"] for r in done}), "shared_settings": shared, "method_settings": per_method,
