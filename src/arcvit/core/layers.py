@@ -129,6 +129,11 @@ def _stack(tensors: list[torch.Tensor | None], shape: tuple[int, ...], like: tor
                         for t in tensors])
 
 
+def _each(adapters: list["ARCAdapter | None"], attr: str) -> list[torch.Tensor | None]:
+    """One tensor of every adapter (None where a site has no adapter of that name)."""
+    return [getattr(a, attr) if a is not None else None for a in adapters]
+
+
 class ARCState:
     """Which named adapter the sites apply: the active one, or per item of the batch while a route is set."""
 
@@ -177,14 +182,13 @@ class ARCSite(nn.Module):
         width, rank = x.shape[-1], max(a.scale.numel() for a in present)
         key = (present[0].stage, self.position, rank, tuple(a is not None for a in adapters))
         if key not in route.down:
-            downs = [a.down_proj if a is not None else None for a in adapters]
-            route.down[key] = _stack(downs, (width, rank), x).index_select(0, route.ids)
+            route.down[key] = _stack(_each(adapters, "down_proj"), (width, rank), x).index_select(0, route.ids)
         down = route.down[key]
-        scale = _stack([a.scale if a is not None else None for a in adapters], (rank,), x).index_select(0, route.ids)
+        scale = _stack(_each(adapters, "scale"), (rank,), x).index_select(0, route.ids)
         rows = x.reshape(route.size, -1, width)
         codes = torch.bmm(rows, down) * scale[:, None, :]
         out = torch.baddbmm(rows, codes, down.transpose(1, 2))
-        biases = [a.bias if a is not None else None for a in adapters]
+        biases = _each(adapters, "bias")
         if any(b is not None for b in biases):
             out = out + _stack(biases, (width,), x).index_select(0, route.ids)[:, None, :]
         return out.view(x.shape)
