@@ -141,6 +141,16 @@ def test_a_mixed_batch_in_training_mode_with_adapter_dropout_is_refused():
             pass
 
 
+def test_a_route_naming_an_unknown_adapter_is_refused_and_leaves_no_route():
+    model, x = _two_adapters(), torch.randn(2, 3, 28, 28)
+    with torch.no_grad():
+        before = model(x)
+        with pytest.raises(ModelError, match="no ARC adapter named 'nope'"):
+            with routed(model, ["a", "nope", "b"]):
+                pass
+        torch.testing.assert_close(model(x), before)  # the active adapter's forward, no leftover route
+
+
 def test_merge_folds_the_active_adapter_and_delete_leaves_the_plain_model():
     model = _two_adapters()
     x = torch.randn(2, 3, 28, 28)

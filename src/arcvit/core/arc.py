@@ -72,11 +72,10 @@ def routed(model: nn.Module, names: Sequence[str]) -> Iterator[None]:
 
     For inference: in training mode with adapter dropout on, a mixed batch is refused (dropout is per adapter).
     """
-    state = _require(model)[0]
-    for name in set(names):
-        _require(model, name)
-    sets = shared_sets(model)
-    if model.training and len(set(names)) > 1 and any(sets[n].config.dropout > 0 for n in set(names)):
+    state, sets, chosen = _require(model)[0], shared_sets(model), set(names)
+    for name in chosen - sets.keys():
+        _require(model, name)  # refuses it, naming it
+    if model.training and len(chosen) > 1 and any(sets[n].config.dropout > 0 for n in chosen):
         raise ModelError("routed(): a mixed-task batch runs without adapter dropout; call model.eval() first")
     state.route = Route(list(names), next(model.parameters()).device)
     try:

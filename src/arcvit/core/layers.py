@@ -111,6 +111,7 @@ class Route:
     def __init__(self, item_names: list[str], device: torch.device) -> None:
         self.size = len(item_names)
         self.names = list(dict.fromkeys(item_names))
+        self.slots = [slot("adapter", name) for name in self.names]  # each name's attribute at a site
         position = {name: i for i, name in enumerate(self.names)}
         self.ids = torch.tensor([position[name] for name in item_names], device=device)
         self.down: dict[tuple, torch.Tensor] = {}
@@ -175,22 +176,23 @@ class ARCSite(nn.Module):
     def _adapt_mixed(self, x: torch.Tensor, route: Route) -> torch.Tensor:
         """Each item through its own adapter, for the whole batch at once: its D, c and b are gathered per item
         and applied with two batched matmuls over the item's rows (a Swin item's windows are contiguous)."""
-        adapters = [self.get(name) for name in route.names]
+        adapters = [self._modules.get(attr) for attr in route.slots]
+        scales = _each(adapters, "scale")
         present = [a for a in adapters if a is not None]
         if not present:
             return x
-        width, rank = x.shape[-1], max(a.scale.numel() for a in present)
+        width, rank = x.shape[-1], max(s.shape[0] for s in scales if s is not None)
         key = (present[0].stage, self.position, rank, tuple(a is not None for a in adapters))
         if key not in route.down:
             route.down[key] = _stack(_each(adapters, "down_proj"), (width, rank), x).index_select(0, route.ids)
         down = route.down[key]
-        scale = _stack(_each(adapters, "scale"), (rank,), x).index_select(0, route.ids)
+        scale = _stack(scales, (rank,), x).index_select(0, route.ids)
         rows = x.reshape(route.size, -1, width)
         codes = torch.bmm(rows, down) * scale[:, None, :]
         out = torch.baddbmm(rows, codes, down.transpose(1, 2))
         biases = _each(adapters, "bias")
         if any(b is not None for b in biases):
-            out = out + _stack(biases, (width,), x).index_select(0, route.ids)[:, None, :]
+            out.add_(_stack(biases, (width,), x).index_select(0, route.ids)[:, None, :])
         return out.view(x.shape)
 
     def __getattr__(self, name: str):
