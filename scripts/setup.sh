@@ -34,4 +34,13 @@ if [ ! -x /usr/bin/chromium ]; then
     echo "setup: run 'sudo apt-get install chromium' to run the web page's browser test" >&2
   fi
 fi
+# Debian's PostgreSQL for the shared-study test (the test starts its own server in a temporary folder).
+if ! compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null; then
+  if [ "$(id -u)" = 0 ]; then
+    (apt-get update -qq && apt-get install -y -qq postgresql) >/dev/null \
+      || echo "setup: could not install postgresql (only needed for the shared-study test)" >&2
+  else
+    echo "setup: run 'sudo apt-get install postgresql' to run the shared-study test" >&2
+  fi
+fi
 .venv/bin/python -c "import arcvit; print(f'arcvit {arcvit.__version__} ready in .venv')"

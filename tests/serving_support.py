@@ -41,6 +41,23 @@ def make_adapters(root: Path, tasks: dict = TASKS, seed: int = 0) -> Path:
     return root
 
 
+def reference(adapters: Path, image: bytes, tasks: dict = TASKS) -> dict[str, torch.Tensor]:
+    """Each task's probabilities from its own merged model, computed here (not by the server)."""
+    import timm
+
+    import arcvit
+    from arcvit.data.transforms import build_transform
+    probs = {}
+    for name, (classes, _, _) in tasks.items():
+        model = arcvit.load_adapter(timm.create_model(BACKBONE, pretrained=True, num_classes=classes),
+                                    adapters / name)
+        model = arcvit.merge(model).eval()
+        x = build_transform(model, recipe="timm", train=False)(Image.open(io.BytesIO(image)).convert("RGB"))
+        with torch.no_grad():
+            probs[name] = model(x[None]).softmax(-1)[0]
+    return probs
+
+
 def png_bytes(seed: int = 0, size: tuple[int, int] = (28, 28), mode: str = "L") -> bytes:
     g = torch.Generator().manual_seed(seed)
     pixels = (torch.rand(size[1], size[0], generator=g) * 255).to(torch.uint8).numpy()

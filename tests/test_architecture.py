@@ -13,7 +13,8 @@ import arcvit
 from arcvit.core.specs import registered_block_specs
 
 SRC = Path(arcvit.__file__).parent
-CORE_MAY_IMPORT = ("arcvit.core", "arcvit.errors", "arcvit.fileio", "arcvit")  # "arcvit": __version__ only
+SHARED = ("arcvit.errors", "arcvit.fileio", "arcvit.numbers")  # every package may use these (docs/architecture.md)
+CORE_MAY_IMPORT = ("arcvit.core", *SHARED, "arcvit")  # "arcvit": __version__ only
 FORBIDDEN_IN_CORE = ("timm", "transformers", "peft", "lightning_fabric", "lightning", "optuna", "fastapi")
 
 
@@ -44,6 +45,13 @@ def test_core_imports_no_library_and_no_other_arcvit_package():
                 assert name in CORE_MAY_IMPORT or name.startswith("arcvit.core."), f"{path.name} imports {name}"
 
 
+def test_shared_modules_import_no_other_arcvit_module():
+    """Any package may use errors, fileio and numbers, so they may use nothing of arcvit but each other."""
+    for module in SHARED:
+        path = SRC / f"{module.split('.')[1]}.py"
+        assert {n for n in _imports(path) if n.split(".")[0] == "arcvit"} <= set(SHARED), path.name
+
+
 def test_no_circular_imports_between_packages():
     """Package-level dependency graph (arcvit.<package>) has no cycle."""
     graph: dict[str, set[str]] = {}
@@ -72,9 +80,27 @@ def test_no_circular_imports_between_packages():
 def test_light_commands_do_not_import_peft(argv, tmp_path):
     argv = [a.format(tmp=tmp_path) for a in argv]
     code = ("import sys\nfrom arcvit.cli import main\ntry:\n    main(%r)\nexcept SystemExit:\n    pass\n"
-            "heavy = [m for m in ('peft', 'optuna', 'transformers') if m in sys.modules]\nprint('HEAVY', heavy)") % argv
+            "heavy = [m for m in ('peft', 'optuna', 'transformers', 'onnx', 'onnxruntime', 'tensorflow_datasets', 'ray', 'psycopg') if m in sys.modules]\nprint('HEAVY', heavy)") % argv
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert "HEAVY []" in out.stdout, out.stdout[-500:] + out.stderr[-500:]
+
+
+EXPORT_MAY_IMPORT = ("arcvit.core", "arcvit.data", "arcvit.export", *SHARED, "arcvit")
+EXPORT_EDGE = ("onnx", "onnxscript", "onnxruntime")
+
+
+def test_export_builds_on_core_and_data_and_imports_onnx_only_at_its_edge():
+    """export/ is serving's neighbour: serving may run its files, so it never imports serving (nor cli, bench,
+    training); onnx, onnxscript and onnxruntime are imported in export/runtime.py only, and only when used."""
+    files = sorted((SRC / "export").glob("*.py"))
+    assert files
+    for path in files:
+        for name in _imports(path):
+            if name.split(".")[0] == "arcvit":
+                assert name == "arcvit" or name.startswith(EXPORT_MAY_IMPORT), f"export/{path.name} imports {name}"
+            assert name.split(".")[0] not in EXPORT_EDGE, f"export/{path.name} imports {name} (use export.runtime)"
+    runtime = (SRC / "export" / "runtime.py").read_text()
+    assert "importlib.import_module(name)" in runtime and "import onnx" not in runtime
 
 
 def test_every_registered_block_spec_is_exercised_by_the_family_tests():

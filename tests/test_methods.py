@@ -45,8 +45,16 @@ VIT_COUNTS = {
     "lora": lambda r: L * (r * (D + 3 * D) + r * (D + 4 * D)) + HEAD,  # r (d_in + d_out) on qkv and fc1
     "vera": lambda r: L * ((r + 3 * D) + (r + 4 * D)) + HEAD,  # lambda_d (r) + lambda_b (d_out) on qkv and fc1
     "adaptformer": lambda r: L * (2 * D * r + r + D) + HEAD,   # down, up (weights + biases) per block
+    # the mergeable peers (tests/test_peer_methods.py checks them against their papers' formulas)
+    "ssf": lambda r: (22 * L + 4) * D + HEAD,
+    "repadapter": lambda r: 2 * L * (D * r + r + D * r // 2 + D) + HEAD,
+    "fact_tt": lambda r: 2 * D * r + 12 * L * r * r + HEAD,
+    "fact_tk": lambda r: 2 * D * r + 12 * L * r + r ** 3 + HEAD,
+    "rlrr": lambda r: (31 * L + 4) * D + HEAD,
+    "dora": lambda r: L * (r * (D + 3 * D) + r * (D + 4 * D) + 3 * D + 4 * D) + HEAD,
 }
-DEFAULT_RANKS = {"arc": 50, "arc_att": 50, "lora": 8, "vera": 256, "adaptformer": 8}
+DEFAULT_RANKS = {"arc": 50, "arc_att": 50, "lora": 8, "vera": 256, "adaptformer": 8, "repadapter": 8, "fact_tt": 8,
+                 "fact_tk": 32, "dora": 8}
 
 
 def swin_count(method: str, r: int) -> int:

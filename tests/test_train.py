@@ -121,7 +121,7 @@ def test_finished_run_is_not_overwritten(tmp_path, digits):
 
 
 @pytest.mark.parametrize("field,value", [("lr", -1.0), ("batch_size", 0), ("epochs", 0), ("warmup_epochs", 5),
-                                         ("method", "dora"), ("protocol", "test"), ("rank", 0)])
+                                         ("method", "nosuch"), ("protocol", "test"), ("rank", 0)])
 def test_bad_settings_name_the_field(field, value):
     with pytest.raises(ConfigError, match=field if field != "warmup_epochs" else "warmup"):
         _cfg(**{field: value})

@@ -29,6 +29,11 @@ class TrainingDiverged(ArcvitError):
     train this model."""
 
 
+class NonFiniteOutput(ArcvitError):
+    """A model's logits are not finite numbers (its weights hold NaN/inf or overflow): no accuracy, label or
+    merge check is reported from them, since an argmax over NaN would read as a chance-level answer."""
+
+
 class DataWarning(UserWarning):
     """Data that is probably, not certainly, a mistake (a single-class split, a class never trained on,
     images dropped as unreadable): the run goes on, and the CLI prints it as one line on stderr."""

@@ -12,6 +12,15 @@ from torch import nn
 TRANSFORMERS_PREFIX = "transformers:"
 
 
+def backbone_name(name: str) -> str:
+    """A backbone name as run folders and merged files record it: a local transformers folder as an absolute
+    path, so the file names the same model from any working directory."""
+    folder = Path(name.removeprefix(TRANSFORMERS_PREFIX)).expanduser()
+    if name.startswith(TRANSFORMERS_PREFIX) and folder.is_dir():
+        return TRANSFORMERS_PREFIX + str(folder.resolve())
+    return name
+
+
 def create_backbone(name: str, num_classes: int, checkpoint: str | Path | None = None, pretrained: bool = True,
                     **kwargs) -> nn.Module:
     """A backbone with a fresh ``num_classes`` head, from the library its name points to."""

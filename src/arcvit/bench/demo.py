@@ -19,6 +19,7 @@ from arcvit.data.transforms import build_transform
 from arcvit.fileio import write_json, write_text
 from arcvit.bench.plots import plot_accuracy_vs_params
 from arcvit.training.config import DataSpec
+from arcvit.training.finite import require_finite
 from arcvit.training.loop import train
 from arcvit.training.recipes import load_recipe, train_config
 from arcvit.backends.timm.zoo import DEFAULT_BACKBONE
@@ -41,6 +42,8 @@ def check_merge(run_dir: Path, data_root: Path, task: str) -> dict[str, float | 
     same, max_diff, total = 0, 0.0, 0
     for images, _ in DataLoader(dataset, batch_size=250):
         a, b = model(images), merged(images)
+        require_finite(a, f"{run_dir / 'adapter'} on {dataset.source}")  # else max() below would skip a NaN
+        require_finite(b, f"{run_dir / 'adapter'}, merged, on {dataset.source}")
         same += (a.argmax(-1) == b.argmax(-1)).sum().item()
         max_diff = max(max_diff, (a - b).abs().max().item())
         total += len(images)

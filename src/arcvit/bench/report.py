@@ -4,6 +4,11 @@ Everything the report states comes from files the runs wrote (``results.json``, 
 ``error.txt``) and the bench's plan (``bench.json``), so ``arcvit report DIR`` rebuilds it after a crash, for
 a partial bench, or for runs gathered from several machines.
 
+A report never replaces results with fewer finished runs than it had: when ``DIR/results.json`` records a
+finished run that the run folders no longer hold, the report refuses (``force`` rebuilds from the folders
+alone), except when the run folders are all gone (a published results folder such as docs/bench/tuned/): then
+the table, CSV and plot are rebuilt from ``results.json`` itself, which is left as it is.
+
 Aggregates follow VTAB: a group's mean is the plain mean of its tasks' mean accuracies, "mean (all tasks)" the
 plain mean over every task, "mean of group means" the mean of the group columns. A task without results is
 left out of an aggregate, which is then marked incomplete rather than silently averaged over fewer tasks.
@@ -13,6 +18,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,13 +27,16 @@ from typing import Any
 
 from arcvit.data.layouts import FGVC_TASKS, VTAB_TASKS
 from arcvit.data.mini import MINI_TASKS
-from arcvit.errors import ConfigError
+from arcvit.errors import ConfigError, DataWarning
 from arcvit.fileio import write_json, write_text
 from arcvit.methods import SPECS
 from arcvit.training.recipes import ADAPTER_FIELDS
+from arcvit.training.search_space import edges_text
 from arcvit.bench.plots import plot_accuracy_vs_params
+from arcvit.bench.provenance import check_one_dataset_per_task, data_by_task, render_data_section
 
 PLAN_FILE = "bench.json"    # the bench's plan: suite, tasks, methods, seeds, backbone, config
+RESULTS_FILE = "results.json"  # the report as data; its "runs" are the rows of results.csv
 ERROR_FILE = "error.txt"    # in a run folder: the run failed with this error
 RUNS_DIR = "runs"           # <out>/runs/<task>/<method>/seed<k>/
 
@@ -235,7 +244,7 @@ def describe_runs(records: Sequence[Mapping[str, Any]], methods: Sequence[str] =
 _CSV_FIELDS = ("task", "group", "method", "seed", "status", "test_top1", "val_top1", "selected_epoch",
                "trainable_params", "total_params", "protocol", "lr", "weight_decay", "rank", "adapter_dropout",
                "epochs", "warmup_epochs", "batch_size", "wall_time_s", "images_per_s", "train_fingerprint",
-               "test_fingerprint", "run_dir", "error")
+               "test_fingerprint", "data_digest", "data_source", "run_dir", "error")
 
 
 def _flat_row(record: Mapping[str, Any], tasks: Mapping[str, str]) -> dict[str, Any]:
@@ -280,12 +289,16 @@ def _tuned_settings(plan: Mapping[str, Any]) -> list[str]:
         for method, record in methods.items():
             shown = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
                               for k, v in record["settings"].items())
-            rows.append([task, method, shown or "–", f"{100 * record['val_top1']:.1f}", str(record["trials"])])
+            edges = edges_text(record.get("at_edge", {}))
+            rows.append([task, method, shown or "–", f"**{edges}**" if edges else "–",
+                         f"{100 * record['val_top1']:.1f}", str(record["trials"])])
     if not rows:
         return []
     return ["## Tuned settings", "", "Chosen on validation (best trial of each study under `tune/<task>/<method>/`); "
-            "the runs above retrain them under the table's protocol.", "",
-            *_markdown_table(["task", "method", "settings", "val top-1 (%)", "trials"], rows, 3), ""]
+            "the runs above retrain them under the table's protocol. At a range edge: a tuned value within 5 % "
+            "of an end of its search range (of its log width on a log scale): that range may bind.", "",
+            *_markdown_table(["task", "method", "settings", "at a range edge", "val top-1 (%)", "trials"], rows, 4),
+            ""]
 
 
 def render_report(title: str, table: Mapping[str, Any], about: Mapping[str, Any],
@@ -327,6 +340,7 @@ def render_report(title: str, table: Mapping[str, Any], about: Mapping[str, Any]
                   "sha256 of each split's (path, label, size) list, first 12 hex digits; "
                   "≠ marks runs of one task that saw different data.", "",
                   *_markdown_table(["task", *roles], rows, len(roles) + 1), ""]
+    lines += render_data_section(about.get("data", {}), about.get("allow_mixed_data", False))
     if failed:
         lines += ["## Failed runs", ""]
         for r in failed:
@@ -347,14 +361,107 @@ def _infer_suite(out: Path, records: Sequence[Mapping[str, Any]]) -> str:
     raise ConfigError(f"{out}: cannot tell which suite tasks {sorted(tasks)} belong to; pass --suite")
 
 
-def build_report(out: str | Path, suite: str | None = None) -> dict[str, Any]:
+def _run_key(row: Mapping[str, Any]) -> tuple[str, str, int]:
+    return row["task"], row["method"], row["seed"]
+
+
+def _previous(out: Path) -> dict[str, Any] | None:
+    """The results.json a previous report wrote (None if there is none), checked enough to compare with."""
+    try:
+        summary = read_json(out / RESULTS_FILE)
+    except ConfigError as e:
+        raise ConfigError(f"{e}; pass --force to rebuild it from the run folders") from None
+    if summary is None:
+        return None
+    runs = summary.get("runs") if isinstance(summary, dict) else None
+    if not isinstance(runs, list) or not all(
+            isinstance(r, dict) and isinstance(r.get("task"), str) and isinstance(r.get("method"), str)
+            and isinstance(r.get("seed"), int) and isinstance(r.get("status"), str) for r in runs):
+        raise ConfigError(f"{out / RESULTS_FILE}: not a results file `arcvit report` wrote (no list of runs with "
+                          "task, method, seed and status); pass --force to rebuild it from the run folders")
+    return summary
+
+
+def _lost(previous: Mapping[str, Any] | None, records: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
+    """The runs ``previous`` (results.json) records as finished that ``records`` (the run folders) do not."""
+    done = {_run_key(r) for r in records if r["status"] == "done"}
+    return [r for r in (previous or {}).get("runs", []) if r["status"] == "done" and _run_key(r) not in done]
+
+
+def _named(rows: Sequence[Mapping[str, Any]]) -> str:
+    names = [f"{r['task']} / {r['method']} / seed {r['seed']}" for r in rows[:3]]
+    return ", ".join(names) + (f" and {len(rows) - 3} more" if len(rows) > 3 else "")
+
+
+def check_runs_kept(out: str | Path) -> None:
+    """For a bench into ``out``: refuse, before anything runs, when results.json records finished runs whose
+    folders are gone (a bench would replace the report with fewer finished runs)."""
+    out = Path(out)
+    gone = [r for r in _lost(_previous(out), collect_runs(out)) if not run_dir(out, *_run_key(r)).exists()]
+    if gone:
+        raise ConfigError(f"{out}: {RESULTS_FILE} records {len(gone)} finished run(s) whose run folders are gone "
+                          f"({_named(gone)}); a bench here would replace them: restore those folders, use another "
+                          f"--out, or run `arcvit report {out} --force` first to drop them")
+
+
+def _render(out: Path, summary: Mapping[str, Any], records: Sequence[Mapping[str, Any]]) -> dict[str, str]:
+    """The text files of a report (name -> content) and the plot, drawn from ``summary`` (what results.json holds)
+    and ``records`` (runs with task, method, seed, status, error)."""
+    table, about = summary["table"], summary["about"]
+    texts = {"results.csv": _csv([{k: row.get(k) for k in _CSV_FIELDS} for row in summary["runs"]]),
+             "report.md": render_report(summary["title"], table, about, records, summary["plan"])}
+    points = [(row["method"] + ("" if row["all_tasks"]["complete"] else "*"), row["params_m"] * 1e6,
+               row["all_tasks"]["mean"], row["all_tasks"]["std"] or 0.0)
+              for row in table["rows"] if row["all_tasks"]["mean"] is not None]
+    if points:
+        missing = "; *: some tasks missing" if any(p[0].endswith("*") for p in points) else ""
+        plot_accuracy_vs_params(points, out / "accuracy_vs_params.png",
+                                f"{summary['title']}: {', '.join(about['backbone'])}\n"
+                                f"mean top-1 over {len(table['tasks'])} tasks (bars: std over seeds{missing})")
+    return texts
+
+
+def _rebuild_from_results(out: Path, summary: dict[str, Any], suite: str | None) -> dict[str, Any]:
+    """report.md, results.csv and the plot again from results.json alone (left as it is): its run folders are
+    gone, and rebuilding from them would empty the report."""
+    if suite is not None and suite != summary.get("suite"):
+        raise ConfigError(f"--suite {suite}: {out / RESULTS_FILE} holds a {summary.get('suite')!r} report and its "
+                          "run folders are gone, so it cannot be rebuilt as another suite")
+    try:
+        texts = _render(out, summary, summary["runs"])
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise ConfigError(f"{out / RESULTS_FILE}: cannot be rebuilt, its run folders are gone and it is not a "
+                          f"complete report ({type(e).__name__}: {e})") from None
+    for name, text in texts.items():
+        write_text(out / name, text)
+    warnings.warn(f"{out}: no run folders under {out / RUNS_DIR}; report.md, results.csv and the plot were rebuilt "
+                  f"from {RESULTS_FILE} ({sum(r['status'] == 'done' for r in summary['runs'])} finished runs), which is "
+                  "kept as it is",
+                  DataWarning, stacklevel=2)
+    return summary
+
+
+def build_report(out: str | Path, suite: str | None = None, force: bool = False,
+                 allow_mixed_data: bool = False) -> dict[str, Any]:
     """Rebuild ``results.csv``, ``results.json``, ``report.md`` and ``accuracy_vs_params.png`` in ``out``.
 
     The suite defaults to the bench's own (from its plan), else to the one whose tasks the runs are.
-    Returns what results.json holds.
+    Returns what results.json holds. Finished runs that results.json records and the run folders no longer
+    hold are never dropped unless ``force``: with no run folders at all the report is rebuilt from
+    results.json, otherwise this raises ConfigError. Runs of one task on data with different manifest digests
+    raise DataError unless ``allow_mixed_data`` (the report then says so).
     """
     out = Path(out)
     records = collect_runs(out)
+    if not force:
+        previous = _previous(out)
+        lost = _lost(previous, records)
+        if lost and not records:
+            return _rebuild_from_results(out, previous, suite)
+        if lost:
+            raise ConfigError(f"{out}: {RESULTS_FILE} records {len(lost)} finished run(s) that the run folders no "
+                              f"longer hold ({_named(lost)}); rebuilding would drop them: restore those folders, "
+                              "or pass --force to rebuild from the folders alone")
     plan = read_json(out / PLAN_FILE) or {}
     suite = suite or plan.get("suite") or _infer_suite(out, records)
     if suite not in SUITES:
@@ -365,17 +472,13 @@ def build_report(out: str | Path, suite: str | None = None) -> dict[str, Any]:
     methods = list(dict.fromkeys([*plan.get("methods", []), *(r["method"] for r in records)]))
     table = build_table(records, tasks, methods)
     about = describe_runs(records, methods)
+    allow_mixed_data = allow_mixed_data or bool(plan.get("allow_mixed_data"))  # a bench's own choice
+    about["data"], about["allow_mixed_data"] = data_by_task(records), allow_mixed_data
+    check_one_dataset_per_task(about["data"], allow_mixed_data)  # before anything is written
     rows = [_flat_row(r, tasks) for r in records]
     summary = {"suite": suite, "title": info.title, "plan": plan, "about": about, "table": table, "runs": rows}
-    write_text(out / "results.csv", _csv(rows))
-    write_json(out / "results.json", summary)
-    write_text(out / "report.md", render_report(info.title, table, about, records, plan))
-    points = [(row["method"] + ("" if row["all_tasks"]["complete"] else "*"), row["params_m"] * 1e6,
-               row["all_tasks"]["mean"], row["all_tasks"]["std"] or 0.0)
-              for row in table["rows"] if row["all_tasks"]["mean"] is not None]
-    if points:
-        missing = "; *: some tasks missing" if any(p[0].endswith("*") for p in points) else ""
-        plot_accuracy_vs_params(points, out / "accuracy_vs_params.png",
-                                f"{info.title}: {', '.join(about['backbone'])}\n"
-                                f"mean top-1 over {len(tasks)} tasks (bars: std over seeds{missing})")
+    texts = _render(out, summary, records)
+    write_text(out / "results.csv", texts["results.csv"])
+    write_json(out / RESULTS_FILE, summary)
+    write_text(out / "report.md", texts["report.md"])
     return summary

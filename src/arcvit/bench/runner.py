@@ -16,15 +16,20 @@ from typing import Any
 from lightning_fabric.utilities import rank_zero_only
 
 from arcvit.backends.timm.zoo import DEFAULT_BACKBONE
-from arcvit.bench.report import ERROR_FILE, PLAN_FILE, SUITES, build_report, read_json, run_dir
+from arcvit.bench.executors import Executor, InProcess, Outcome, RunJob
+from arcvit.bench.grid_progress import GridProgress
+from arcvit.bench.provenance import check_bench_data
+from arcvit.bench.report import (ERROR_FILE, PLAN_FILE, SUITES, build_report, check_runs_kept, collect_runs, read_json,
+                                 run_dir)
 from arcvit.bench.tuning import tune_row, tuned_recipe
 from arcvit.bench.variants import split_variant
 from arcvit.data.layouts import resolve_task
 from arcvit.data.mini import build_mini_suite
-from arcvit.errors import ArcvitError, ConfigError
+from arcvit.errors import ConfigError
 from arcvit.fileio import write_json, write_text
 from arcvit.methods import METHODS
 from arcvit.training.config import RUNTIME_FIELDS, DataSpec, TrainConfig
+from arcvit.training.devices import require_devices
 from arcvit.training.loop import train
 from arcvit.training.recipes import Recipe, load_recipe, train_config
 
@@ -34,7 +39,7 @@ BENCH_SET_FIELDS = ("method", "seed")  # the bench sets these itself
 # With devices > 1, Fabric starts the other processes by rerunning this same command: they train in step with
 # the first, but only the first speaks and writes the plan and report.
 _echo = rank_zero_only(partial(print, flush=True))
-_report = rank_zero_only(build_report)
+_report = rank_zero_only(partial(build_report, force=True))  # from the folders: the bench reruns what they lack
 
 
 @dataclass(frozen=True)
@@ -166,12 +171,27 @@ def _tune_all(recipe: Recipe, tasks: Sequence[str], methods: Sequence[str], over
     return tuned
 
 
+def _finished(out: Path, suite: str, grid: GridProgress, job: RunJob, outcome: Outcome) -> None:
+    """A run ended (in this process or on a worker): its error in its folder, its line, the report rebuilt."""
+    if outcome.error is not None:
+        write_text(job.dir / ERROR_FILE, f"{outcome.error}\n")
+        text = f"FAILED ({outcome.error})"
+    else:
+        r = outcome.results
+        text = f"top-1 {100 * r['test_top1']:.2f}%, {r['trainable_params']:,} trainable, {r['wall_time_s']:.0f}s"
+    _echo(f"{job.label}: {text}")
+    _report(out, suite)
+    grid.finished(failed=outcome.error is not None)
+
+
 def run_bench(suite: str, out: str | Path, *, data: str | Path | None = None, tasks: Sequence[str] | None = None,
               methods: Sequence[str] | None = None, seeds: Sequence[int] = (0,), backbone: str | None = None,
               checkpoint: str | Path | None = None, config: str | Path | None = None,
               overrides: Mapping[str, Any] | None = None, progress: bool = True, pretrained: bool = True,
               max_steps_per_epoch: int | None = None, mini_test_size: int = 500, tune: int | None = None,
-              search_space: str | Path | None = None, allow_outside_root: bool = False) -> Path:
+              search_space: str | Path | None = None, allow_outside_root: bool = False,
+              executor: Executor | None = None, storage: str | None = None,
+              allow_mixed_data: bool = False) -> Path:
     """Train every (task, method, seed) not yet finished into ``out/runs/<task>/<method>/seed<k>/``, rebuilding
     the report in ``out`` after each; returns ``out``.
 
@@ -180,7 +200,12 @@ def run_bench(suite: str, out: str | Path, *, data: str | Path | None = None, ta
     tunes every (task, method) with N trials on validation (``search_space`` over the packaged one) and runs
     the tuned settings. ``pretrained=False``, ``max_steps_per_epoch`` and ``mini_test_size`` make tiny benches
     for tests. A run failing with an ArcvitError leaves ``error.txt`` and the bench goes on; the next bench
-    retries it. ``allow_outside_root``: list files may name images outside ``data``.
+    retries it. ``allow_outside_root``: list files may name images outside ``data``. ``executor`` trains the
+    runs and the tuning trials (default: one after another in this process; ``RayExecutor``: Ray tasks);
+    ``storage``: with ``tune``, the studies' Optuna database (default: a SQLite file per study).
+    ``allow_mixed_data`` (recorded in the plan): the report may hold runs of one task on data with different
+    manifest digests; without it, a bench whose data differs from its folder's finished runs is refused
+    before training.
     """
     if suite not in SUITE_RUNS:
         raise ConfigError(f"unknown suite {suite!r}; choose from {', '.join(SUITE_RUNS)}")
@@ -196,41 +221,41 @@ def run_bench(suite: str, out: str | Path, *, data: str | Path | None = None, ta
     if tune is not None and (isinstance(tune, bool) or not isinstance(tune, int) or tune < 1):
         raise ConfigError(f"--tune must be a positive whole number of trials, got {tune!r}")
     plan = partial(_plan, recipe, task_names, methods, seeds, overrides, out)
+    check_runs_kept(out)
     if tune is None:  # settings known now: refuse a mixed bench folder before building any data
         for run in plan({}):
             _check_existing(run, identity)
+            if executor is None:  # it trains here (another executor's workers check their own devices)
+                require_devices(run.cfg.accelerator, run.cfg.devices)
 
     data_spec = DataSpec(str(_prepare_data(suite, data, out, task_names, mini_test_size)), "", spec.layout,
                          allow_outside_root=allow_outside_root)
+    check_bench_data(collect_runs(out), data_spec.root, task_names, allow_mixed_data)  # before any training
     tuning, tuned = None, {}
     if tune is not None:
         tuned = _tune_all(recipe, task_names, methods, overrides, tune, out, data_spec,
                           identity["backbone"], checkpoint=checkpoint, pretrained=pretrained, progress=progress,
-                          space_file=search_space, max_steps_per_epoch=max_steps_per_epoch)
+                          space_file=search_space, max_steps_per_epoch=max_steps_per_epoch, storage=storage,
+                          executor=executor)
         tuning = {"trials": tune, "search_space": str(search_space or "packaged"), "tuned": tuned}
     runs = plan(tuned)
     for run in runs:
         _check_existing(run, identity)
     _write_plan(out, {"suite": suite, **identity, "data": data_spec.root, "config": str(config_path),
                       "overrides": overrides, "tasks": task_names, "methods": methods, "seeds": seeds,
-                      "tuning": tuning})
+                      "tuning": tuning, "allow_mixed_data": allow_mixed_data})
     fit = partial(train, identity["backbone"], checkpoint=checkpoint, pretrained=pretrained, resume=True,
                   progress=progress, max_steps_per_epoch=max_steps_per_epoch)
     _report(out, suite)
+    todo = []
     for i, run in enumerate(runs, 1):
         label = f"[{i}/{len(runs)}] {run.task} / {run.method} / seed {run.seed}"
         if (run.dir / "results.json").exists():
             _echo(f"{label}: skip (done)")
             continue
         (run.dir / ERROR_FILE).unlink(missing_ok=True)
-        try:
-            results = fit(replace(data_spec, task=run.task), run.cfg, run.dir)
-            outcome = (f"top-1 {100 * results['test_top1']:.2f}%, {results['trainable_params']:,} trainable, "
-                       f"{results['wall_time_s']:.0f}s")
-        except ArcvitError as e:
-            write_text(run.dir / ERROR_FILE, f"{type(e).__name__}: {e}\n")
-            outcome = f"FAILED ({type(e).__name__}: {e})"
-        _echo(f"{label}: {outcome}")
-        _report(out, suite)
+        todo.append(RunJob(label, replace(data_spec, task=run.task), run.cfg, run.dir))
+    grid = GridProgress(len(runs) - len(todo), len(todo), _echo)
+    (executor or InProcess()).run(todo, fit, grid.started, partial(_finished, out, suite, grid))
     _echo(f"report: {out / 'report.md'}")
     return out

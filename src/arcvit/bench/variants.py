@@ -5,8 +5,10 @@ accuracy-vs-trainable-parameters plot: the frontier a PETL comparison is read fr
 """
 from __future__ import annotations
 
+from arcvit.core.adapter_file import MAX_RANK
 from arcvit.errors import ConfigError
 from arcvit.methods import METHODS, SPECS
+from arcvit.numbers import whole_number
 
 
 def split_variant(name: str) -> tuple[str, int | None]:
@@ -19,9 +21,7 @@ def split_variant(name: str) -> tuple[str, int | None]:
         return method, None
     if SPECS[method].default_rank is None:
         raise ConfigError(f"{name!r}: {method} has no rank to fix")
-    if not rank.isdigit() or int(rank) < 1:
-        raise ConfigError(f"{name!r}: the rank after @ must be a positive whole number")
-    return method, int(rank)
+    return method, whole_number(rank, f"{name!r}: the rank after @", 1, MAX_RANK)  # the bounds of --rank
 
 
 def line_of(label: str) -> str:

@@ -10,8 +10,9 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any, Sequence
 
+from arcvit.backends import backbone_name
 from arcvit.backends.timm.zoo import DEFAULT_BACKBONE
-from arcvit.errors import ArcvitError, ConfigError, DataWarning, ModelError
+from arcvit.errors import ArcvitError, ConfigError, DataWarning
 
 
 class _Parser(argparse.ArgumentParser):
@@ -22,7 +23,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _add_backbone(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--backbone", default=DEFAULT_BACKBONE,
+    p.add_argument("--backbone", type=backbone_name, default=DEFAULT_BACKBONE,
                    help=f"timm model name, with optional pretrained tag (default: {DEFAULT_BACKBONE}, "
                         "arcvit's shipped self-pretrained ViT), or transformers:ORG/NAME (a Hugging Face hub id "
                         "or a local save_pretrained folder)")
@@ -47,6 +48,7 @@ RECIPE_HELP = ("recipe (TOML/JSON): [defaults], [tasks.<task>], [methods.<method
 
 def _train_flags(p: argparse.ArgumentParser, config_help: str = RECIPE_HELP) -> None:
     """--method, --config and one flag per TrainConfig setting."""
+    from arcvit.cli.bounds import TRAIN_NUMBERS
     from arcvit.methods import METHODS
     from arcvit.training.config import ARC_IMPLS, TrainConfig
     defaults = TrainConfig()
@@ -60,7 +62,7 @@ def _train_flags(p: argparse.ArgumentParser, config_help: str = RECIPE_HELP) -> 
         if isinstance(value, bool):
             p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None)
         else:
-            kind = {"rank": int, "adapter_dropout": float, "arc_impl": str}.get(f.name, type(value))
+            kind = TRAIN_NUMBERS.get(f.name, str)  # every other setting is a string
             choices = ARC_IMPLS if f.name == "arc_impl" else None
             default = value if value is not None else "the method's own"
             p.add_argument(flag, type=kind, choices=choices, default=None, help=f"default: {default}")
@@ -92,11 +94,17 @@ def _adapted_model(args: argparse.Namespace):
     """The backbone with the adapter from ``--adapter`` loaded (or a merged checkpoint from ``--merged``)."""
     import arcvit
     from arcvit.backends import create_backbone
+    from arcvit.backends.merged import load_merged
     from arcvit.core.adapter_file import read_adapter_config
-    from arcvit.core.merged_file import read_merged_info
     if args.merged:
-        meta = read_merged_info(args.merged)
-        return create_backbone(meta["backbone"], meta["num_classes"], checkpoint=args.merged), meta
+        if args.checkpoint:  # the merged file holds every weight: a second source would be silently ignored
+            raise ConfigError(f"--checkpoint {args.checkpoint}: not read with --merged (the merged file holds every "
+                              "weight); drop one of them")
+        model, info = load_merged(args.merged, allow_unverified=getattr(args, "allow_unverified", False))
+        if args.backbone not in (DEFAULT_BACKBONE, info["backbone"]):
+            raise ConfigError(f"--backbone {args.backbone}: {args.merged} was merged on {info['backbone']} and "
+                              "builds that; drop --backbone")
+        return model, info
     meta = read_adapter_config(args.adapter)
     model = create_backbone(args.backbone, meta["num_classes"], checkpoint=args.checkpoint,
                             pretrained=not args.random_init)
@@ -121,8 +129,6 @@ def cmd_eval(args: argparse.Namespace) -> None:
     from arcvit.data.transforms import build_transform
     from arcvit.training.devices import require_accelerator
     from arcvit.training.loop import evaluate
-    if args.batch_size < 1:
-        raise ConfigError(f"--batch-size must be positive, got {args.batch_size}")
     require_accelerator(args.accelerator)
     model, meta = _adapted_model(args)
     if args.merge and not args.merged:
@@ -159,6 +165,7 @@ def cmd_merge(args: argparse.Namespace) -> None:
 
     import arcvit
     from arcvit.core.merged_file import write_merged
+    from arcvit.training.finite import require_finite
     _check_merge_out(Path(args.out), args)
     model, meta = _adapted_model(args)
     model.eval()
@@ -166,7 +173,10 @@ def cmd_merge(args: argparse.Namespace) -> None:
     size = merged.pretrained_cfg.get("input_size", (3, 224, 224))
     x = torch.randn(4, *size, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        diff = (merged(x) - model(x)).abs().max().item() if not args.inplace else 0.0
+        probe = {"merged": merged(x)} | ({} if args.inplace else {"adapted": model(x)})
+    for which, logits in probe.items():  # else the file is written and the check prints NaN (invalid JSON)
+        require_finite(logits, f"{args.out}: not written: the {which} model on a random probe batch")
+    diff = (probe["merged"] - probe["adapted"]).abs().max().item() if not args.inplace else 0.0
     info = {"backbone": args.backbone, "num_classes": meta["num_classes"],
             "class_names": meta.get("extra", {}).get("class_names"), "task": meta.get("extra", {}).get("task"),
             "source_adapter": str(args.adapter)}
@@ -175,12 +185,16 @@ def cmd_merge(args: argparse.Namespace) -> None:
 
 
 def cmd_predict(args: argparse.Namespace) -> None:
+    if args.onnx:
+        from arcvit.cli.export import predict_onnx
+        return predict_onnx(args)
     import torch
 
     import arcvit
     from arcvit.data.images import open_rgb
     from arcvit.data.transforms import build_transform
     from arcvit.training.devices import torch_device
+    from arcvit.training.finite import require_finite
     device = torch_device(args.accelerator)
     model, meta = _adapted_model(args)
     if args.merge and not args.merged:
@@ -191,11 +205,9 @@ def cmd_predict(args: argparse.Namespace) -> None:
     for path in args.images:
         x = transform(open_rgb(path)).unsqueeze(0).to(device)
         with torch.no_grad():
-            logits = model(x)[0].float()
-        if not bool(torch.isfinite(logits).all()):
-            raise ModelError(f"{path}: the model's output is not finite (NaN/inf logits): the adapter or "
-                             "checkpoint holds non-finite weights")
-        probs = logits.softmax(-1)
+            logits = model(x).float()
+        require_finite(logits, path)
+        probs = logits[0].softmax(-1)
         label = int(probs.argmax())
         print(json.dumps({"image": path, "label": label, "class": names[label] if names else str(label),
                           "prob": round(probs[label].item(), 4)}))
@@ -203,8 +215,6 @@ def cmd_predict(args: argparse.Namespace) -> None:
 
 def cmd_params(args: argparse.Namespace) -> None:
     from arcvit.methods.describe import describe_backbone
-    if args.batch_size < 1:
-        raise ConfigError(f"--batch-size must be positive, got {args.batch_size}")
     print(json.dumps(describe_backbone(args.backbone, args.num_classes, args.method, args.rank,
                                        args.batch_size, args.precision), indent=2))
 
@@ -215,6 +225,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from arcvit.cli import bounds
     parser = _Parser(prog="arcvit", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
@@ -236,16 +247,20 @@ def build_parser() -> argparse.ArgumentParser:
         source.add_argument("--adapter", help="adapter folder written by `arcvit train` (adapter/)")
         if name != "merge":
             source.add_argument("--merged", help="merged checkpoint written by `arcvit merge`")
+            p.add_argument("--allow-unverified", action="store_true",
+                           help="accept a --merged file whose header has no checksum (older arcvit); its fields "
+                                "are still checked")
             p.add_argument("--merge", action="store_true", help="merge the adapter before running")
             p.add_argument("--recipe", default="timm", choices=["timm", "paper"])
             p.add_argument("--accelerator", default="auto", choices=["auto", "cpu", "cuda", "gpu", "mps"])
         if name == "eval":
             _add_data(p, split=True)
-            p.add_argument("--batch-size", type=int, default=256)
+            p.add_argument("--batch-size", type=bounds.BATCH_SIZE, default=256)
         if name == "predict":
             p.add_argument("images", nargs="+", help="image files")
+            source.add_argument("--onnx", help="ONNX file written by `arcvit export`, run by ONNX Runtime")
         if name == "merge":
-            p.set_defaults(merged=None)
+            p.set_defaults(merged=None, allow_unverified=False)
             p.add_argument("--out", required=True, help="output .safetensors")
             p.add_argument("--force", action="store_true", help="overwrite --out if it exists")
             p.add_argument("--inplace", action="store_true", help="merge without a second copy (large models)")
@@ -255,15 +270,15 @@ def build_parser() -> argparse.ArgumentParser:
     _add_backbone(p)
     from arcvit.methods import METHODS
     p.add_argument("--method", default="arc", choices=METHODS)
-    p.add_argument("--rank", type=int, default=None)
-    p.add_argument("--num-classes", type=int, default=100)
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--rank", type=bounds.RANK, default=None)
+    p.add_argument("--num-classes", type=bounds.NUM_CLASSES, default=100)
+    p.add_argument("--batch-size", type=bounds.BATCH_SIZE, default=32)
     p.add_argument("--precision", default="32-true", choices=["32-true", "bf16-mixed", "16-mixed", "bf16-true"])
     p.set_defaults(func=cmd_params)
 
     p = sub.add_parser("demo", help="offline demo: adapt the shipped ViT to real package data sets")
     p.add_argument("--out", default="runs/demo")
-    p.add_argument("--epochs", type=int, default=None, help="override the demo's epoch count")
+    p.add_argument("--epochs", type=bounds.EPOCHS, default=None, help="override the demo's epoch count")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_demo)
 
@@ -273,6 +288,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_bench_commands(sub)
     from arcvit.cli.serve import add_serve_parser
     add_serve_parser(sub)
+    from arcvit.cli.data import add_data_commands
+    add_data_commands(sub)
+    from arcvit.cli.export import add_export_parser
+    add_export_parser(sub)
     return parser
 
 

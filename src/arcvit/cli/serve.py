@@ -11,34 +11,47 @@ from arcvit.errors import ConfigError
 def add_serve_parser(sub: argparse._SubParsersAction) -> None:
     from arcvit.cli import _add_backbone
     p = sub.add_parser("serve", help="serve every adapter under a folder on one backbone (HTTP API + web page)")
-    p.add_argument("--adapters", required=True, help="folder with one adapter folder per task (its name = task)")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--adapters", help="folder with one adapter folder per task (its name = task)")
+    source.add_argument("--onnx", metavar="FILE", help="an ONNX file written by `arcvit export`, run by ONNX Runtime "
+                        "(its tasks are fixed: PUT/DELETE answer 409)")
     _add_backbone(p)
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: this machine only)")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--token", help="bearer token required to load/unload tasks (PUT/DELETE /v1/tasks/NAME)")
-    p.add_argument("--max-batch", type=int, default=32, help="most images in one backbone pass")
-    p.add_argument("--max-wait-ms", type=float, default=5.0, help="how long a request waits for others to batch")
-    p.add_argument("--max-upload-mb", type=float, default=10.0, help="largest accepted upload")
+    p.add_argument("--port", default="8000", help="0 to 65535 (default 8000)")
+    p.add_argument("--token", help="bearer token required to load/unload tasks (PUT/DELETE /v1/tasks/NAME): "
+                   "printable ASCII, no spaces")
+    p.add_argument("--allowed-hosts", metavar="NAMES", help="comma-separated Host header names that may "
+                   "load/unload tasks (default: the --host address and this machine's loopback names)")
+    p.add_argument("--max-batch", default="32", help="most images in one backbone pass (1 to 4096)")
+    p.add_argument("--max-wait-ms", default="5", help="how long a request waits for others to batch (0 to 10000)")
+    p.add_argument("--max-upload-mb", default="10", help="largest accepted upload (0.01 to 1024)")
+    p.add_argument("--decode-workers", default="2", help="uploads decoded at once (1 to 64; each needs up to "
+                   "the per-request memory bound, README 'Serving')")
     p.add_argument("--merged", metavar="TASK", help="also keep TASK merged into its own backbone copy: its "
                    "requests run at the plain model's cost (for a task that carries most of the traffic)")
     p.set_defaults(func=cmd_serve)
 
 
 def _check(args: argparse.Namespace) -> None:
-    if not Path(args.adapters).is_dir():
+    """Every option parsed by its kind's validator (ASCII digits within bounds), in place."""
+    from arcvit.serving import options
+    if args.adapters and not Path(args.adapters).is_dir():
         raise ConfigError(f"--adapters {args.adapters}: no such folder")
-    if args.max_batch < 1:
-        raise ConfigError(f"--max-batch must be positive, got {args.max_batch}")
-    if args.max_wait_ms < 0 or args.max_upload_mb <= 0:
-        raise ConfigError("--max-wait-ms must be >= 0 and --max-upload-mb > 0")
-    if not 0 <= args.port < 65536:
-        raise ConfigError(f"--port {args.port}: not a port number")
+    if args.onnx and args.merged:
+        raise ConfigError("--merged TASK applies to --adapters; an ONNX file is already one graph")
+    args.port = options.whole_number(args.port, "--port", 0, 65535)
+    args.max_batch = options.whole_number(args.max_batch, "--max-batch", 1, 4096)
+    args.decode_workers = options.whole_number(args.decode_workers, "--decode-workers", 1, 64)
+    args.max_wait_ms = options.decimal_number(args.max_wait_ms, "--max-wait-ms", 0, 10_000)
+    args.max_upload_mb = options.decimal_number(args.max_upload_mb, "--max-upload-mb", 0.01, 1024)
+    args.token = options.token(args.token)
+    args.allowed_hosts = options.hosts(args.allowed_hosts) if args.allowed_hosts is not None else \
+        options.default_hosts(args.host, args.token)
 
 
-def cmd_serve(args: argparse.Namespace) -> None:
+def _multitask(args: argparse.Namespace):
     from arcvit.backends import create_backbone
-    from arcvit.serving import MultiTask, ServeSettings, load_tasks, serve
-    _check(args)
+    from arcvit.serving import MultiTask, load_tasks
     backbone = create_backbone(args.backbone, 0, checkpoint=args.checkpoint, pretrained=not args.random_init)
     model = MultiTask(backbone)
     for error in load_tasks(model, Path(args.adapters)):
@@ -47,6 +60,22 @@ def cmd_serve(args: argparse.Namespace) -> None:
         model.set_merged(args.merged)
     print(f"arcvit serve: {len(model.tasks)} tasks on {args.backbone}: {', '.join(model.tasks) or '(none)'}",
           file=sys.stderr)
-    settings = ServeSettings(adapters=Path(args.adapters), token=args.token, max_batch=args.max_batch,
-                             max_wait_ms=args.max_wait_ms, max_upload_mb=args.max_upload_mb)
+    return model
+
+
+def _onnx_model(path: str):
+    from arcvit.serving.onnx_model import OnnxTasks
+    model = OnnxTasks(path)
+    print(f"arcvit serve: {len(model.tasks)} tasks in {path} (ONNX Runtime): {', '.join(model.tasks)}",
+          file=sys.stderr)
+    return model
+
+
+def cmd_serve(args: argparse.Namespace) -> None:
+    from arcvit.serving import ServeSettings, serve
+    _check(args)
+    model = _onnx_model(args.onnx) if args.onnx else _multitask(args)
+    settings = ServeSettings(adapters=Path(args.adapters) if args.adapters else None, token=args.token,
+                             max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, max_upload_mb=args.max_upload_mb,
+                             allowed_hosts=args.allowed_hosts, decode_workers=args.decode_workers)
     serve(model, settings, host=args.host, port=args.port)

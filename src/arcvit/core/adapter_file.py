@@ -10,7 +10,6 @@ tensors under module names) still load.
 """
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +19,7 @@ import torch.nn as nn
 from safetensors import SafetensorError, safe_open
 
 from arcvit import __version__
+from arcvit.core import headers
 from arcvit.core.arc import (DEFAULT_NAME, SHARED_ATTR, active_adapter, adapter_names, apply_arc, arc_config,
                              backbone_fingerprint, delete_adapter, head_parameter_names, set_active_adapter,
                              shared_sets, site_wrappers)
@@ -105,33 +105,56 @@ def read_adapter_config(directory: str | Path) -> dict:
     if not path.is_file():
         raise AdapterFileError(f"{path}: missing (an adapter folder holds {CONFIG_NAME} and {WEIGHTS_NAME})")
     try:
-        meta = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise AdapterFileError(f"{path}: not valid JSON ({e})") from None
+        meta = headers.read_json_file(path)
+    except headers.HeaderError as e:
+        raise AdapterFileError(f"{path}: {e}") from None
+    except OSError as e:
+        raise AdapterFileError(f"{path}: cannot read ({e})") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise AdapterFileError(f"{path}: not an arcvit adapter config (format field is not {FORMAT!r})")
-    if meta.get("format_version") not in READABLE_VERSIONS:
-        raise AdapterFileError(f"{path}: format_version {meta.get('format_version')!r} is not supported "
+    version = meta.get("format_version")
+    if type(version) is not int or version not in READABLE_VERSIONS:
+        raise AdapterFileError(f"{path}: format_version {version!r} is not supported "
                                f"(this arcvit reads {', '.join(map(str, READABLE_VERSIONS))})")
     try:
+        _check_fields(meta)
         ARCConfig.from_dict(meta["arc_config"])
-    except (KeyError, TypeError, ArcvitError) as e:
+    except headers.HeaderError as e:
+        raise AdapterFileError(f"{path}: {e}") from None
+    except (TypeError, ArcvitError) as e:
         raise AdapterFileError(f"{path}: bad arc_config ({e})") from None
     meta["backbone"].setdefault("library", "timm")  # version 1 was timm-only
-    _check_class_names(path, meta)
     return meta
 
 
-def _check_class_names(path: Path, meta: dict) -> None:
-    """``extra.class_names``, when present, names each class exactly once: a short list would make a
-    prediction's class name an IndexError (or, for a long one, silently the wrong name)."""
-    names = (meta.get("extra") or {}).get("class_names")
-    if names is None or meta.get("num_classes") is None:
-        return
-    if not isinstance(names, list) or len(names) != meta["num_classes"]:
-        count = len(names) if isinstance(names, list) else type(names).__name__
-        raise AdapterFileError(f"{path}: extra.class_names holds {count} names for num_classes "
-                               f"{meta['num_classes']}")
+_ARC_BOOLS = ("bias", "train_head", "zero_head")
+MAX_RANK = 65_536  # a larger rank in a header is refused before any projection is allocated
+
+
+def _check_fields(meta: dict) -> None:
+    """Every field arcvit reads from an adapter config, by type and bounds (``extra`` is the writer's own
+    record: only its ``task`` and ``class_names`` are read, so only they are checked)."""
+    headers.optional_text(meta.get("arcvit_version"), "arcvit_version")
+    arc = headers.mapping(meta.get("arc_config"), "arc_config")
+    headers.count(arc.get("rank"), "arc_config.rank", high=MAX_RANK)
+    for name in _ARC_BOOLS:
+        if name in arc and type(arc[name]) is not bool:
+            raise headers.HeaderError(f"field arc_config.{name}: expected true or false, got {arc[name]!r}")
+    if "dropout" in arc and type(arc["dropout"]) not in (int, float):
+        raise headers.HeaderError(f"field arc_config.dropout: expected a number, got {arc['dropout']!r}")
+    backbone = headers.mapping(meta.get("backbone"), "backbone")
+    for name in ("library", "name", "class", "fingerprint", "head"):
+        optional = name == "head" or (name == "library" and meta["format_version"] == 1)
+        if not optional or backbone.get(name) is not None:
+            headers.text(backbone.get(name), f"backbone.{name}", headers.MAX_PATH_TEXT)
+    num_classes = meta.get("num_classes")
+    if num_classes is not None:
+        headers.count(num_classes, "num_classes")
+    headers.text(meta.get("weights_sha256"), "weights_sha256")
+    headers.mapping(meta.get("tensors"), "tensors", optional=True)
+    extra = headers.mapping(meta.get("extra"), "extra", optional=True) or {}
+    headers.optional_text(extra.get("task"), "extra.task")
+    headers.class_names(extra.get("class_names"), "extra.class_names", num_classes)
 
 
 def read_adapter(directory: str | Path) -> AdapterContents:
@@ -150,9 +173,19 @@ def read_adapter(directory: str | Path) -> AdapterContents:
         raise AdapterFileError(f"{weights}: not a readable safetensors file ({e})") from None
     is_adapter = (lambda k: k.startswith(("shared.", "site."))) if meta["format_version"] >= 2 \
         else (lambda k: k.startswith(f"{SHARED_ATTR}.") or ".adapter." in k)
-    return AdapterContents(meta, ARCConfig.from_dict(meta["arc_config"]),
-                           {k: v for k, v in tensors.items() if is_adapter(k)},
+    config = ARCConfig.from_dict(meta["arc_config"])
+    _check_rank(weights, tensors, config.rank, meta["format_version"])
+    return AdapterContents(meta, config, {k: v for k, v in tensors.items() if is_adapter(k)},
                            {k: v for k, v in tensors.items() if not is_adapter(k)})
+
+
+def _check_rank(weights: Path, tensors: dict[str, torch.Tensor], rank: int, version: int) -> None:
+    """The shared projections (d x r) have the config's rank: checked before any projection is allocated."""
+    prefix = "shared." if version >= 2 else f"{SHARED_ATTR}."
+    for key, tensor in tensors.items():
+        if key.startswith(prefix) and (tensor.dim() != 2 or tensor.shape[1] != rank):
+            raise AdapterFileError(f"{weights}: {key} has shape {tuple(tensor.shape)}, but {CONFIG_NAME} says "
+                                   f"rank {rank} (another rank?)")
 
 
 def _v1_names(model: nn.Module, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -202,14 +235,16 @@ def _copy_into(params: dict[str, nn.Parameter], tensors: dict[str, torch.Tensor]
 
 
 def load_adapter(model: nn.Module, directory: str | Path, name: str = DEFAULT_NAME, check_backbone: bool = True,
-                 load_head: bool = True) -> nn.Module:
+                 load_head: bool = True, contents: AdapterContents | None = None) -> nn.Module:
     """Apply ARC to ``model`` as saved in ``directory``, as adapter ``name``, and load its weights (and head).
 
     ``model`` is a fresh backbone of the kind the adapter was trained on (it may hold other named adapters).
+    ``contents``: what ``read_adapter(directory)`` returned earlier (and the caller checked further), used
+    instead of reading the files again, which may have changed since.
     Every mismatch raises AdapterFileError naming what differs, and leaves ``model`` as it came.
     """
     directory = Path(directory)
-    contents = read_adapter(directory)
+    contents = contents if contents is not None else read_adapter(directory)
     _check_backbone(model, directory, contents.meta, check_backbone)
     weights = directory / WEIGHTS_NAME
     tensors = contents.tensors if contents.meta["format_version"] >= 2 else _v1_names(model, contents.tensors)

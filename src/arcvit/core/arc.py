@@ -67,8 +67,9 @@ def arc_config(model: nn.Module, name: str | None = None) -> ARCConfig:
 
 
 @contextlib.contextmanager
-def routed(model: nn.Module, names: Sequence[str]) -> Iterator[None]:
-    """Inside, item ``i`` of every batch gets adapter ``names[i]`` at every site (one pass for mixed tasks).
+def routed(model: nn.Module, names: Sequence[str], ids: torch.Tensor | None = None) -> Iterator[None]:
+    """Inside, item ``i`` of every batch gets adapter ``names[i]`` at every site (one pass for mixed tasks), or
+    ``names[ids[i]]`` when ``ids`` (int64, one per item) is given: ``names`` then lists each adapter once.
 
     For inference: in training mode with adapter dropout on, a mixed batch is refused (dropout is per adapter).
     """
@@ -77,7 +78,8 @@ def routed(model: nn.Module, names: Sequence[str]) -> Iterator[None]:
         _require(model, name)  # refuses it, naming it
     if model.training and len(chosen) > 1 and any(sets[n].config.dropout > 0 for n in chosen):
         raise ModelError("routed(): a mixed-task batch runs without adapter dropout; call model.eval() first")
-    state.route = Route(list(names), next(model.parameters()).device)
+    state.route = Route(list(names), next(model.parameters()).device) if ids is None else \
+        Route.by_ids(list(names), ids)
     try:
         yield
     finally:

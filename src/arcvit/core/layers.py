@@ -116,6 +116,13 @@ class Route:
         self.ids = torch.tensor([position[name] for name in item_names], device=device)
         self.down: dict[tuple, torch.Tensor] = {}
 
+    @classmethod
+    def by_ids(cls, names: list[str], ids: torch.Tensor) -> "Route":
+        """Item i gets ``names[ids[i]]``, ``ids`` a tensor (a traced graph's input: the batch size stays symbolic)."""
+        route = cls(names, ids.device)
+        route.size, route.ids = ids.shape[0], ids
+        return route
+
     @property
     def single(self) -> str | None:
         """The one adapter of a batch whose items all belong to one task, else None."""

@@ -6,7 +6,9 @@
 
 `load_split` reads any of them. Every cheap check (lists parse, labels in range, listed images exist) runs
 when the data set is built, so a typo fails in the first second rather than hours into a run; each failure
-is a `DataError` naming the file (and line) at fault.
+is a `DataError` naming the file (and line) at fault. List files may start with a UTF-8 byte-order mark. An image
+listed twice with two labels is an error naming both places; twice with the same label, a `DataWarning` (the
+entries are kept as listed).
 """
 from __future__ import annotations
 
@@ -124,15 +126,15 @@ def _list_entries(path: Path, strict: bool = True) -> list[tuple[int, str, int]]
     return entries
 
 
-def _custom_vtab_task(folder: Path) -> Task | None:
+def _custom_vtab_task(folder: Path, open_test: bool = True) -> Task | None:
     """A task folder in the VTAB-1k list layout that is not one of the 19 (e.g. arcvit's mini suite).
 
     Its class count is the largest label in its list files plus one (so every split agrees on it; a
-    malformed line is reported when its own split is loaded, not here);
+    malformed line is reported when its own split is loaded, not here), test.txt left out unless ``open_test``;
     ``classes.txt`` (one name a line), when present, names the classes. A label beyond
     max(CUSTOM_CLASS_BOUND, 10 x the listed images, the names in classes.txt) is refused as a typo.
     """
-    lists = [folder / m for m in _MARKERS["vtab"] if (folder / m).is_file()]
+    lists = [folder / m for m in _MARKERS["vtab"] if (folder / m).is_file() and (open_test or m != "test.txt")]
     if not lists:
         return None
     entries = [(f, n, label) for f in lists for n, _, label in _list_entries(f, strict=False)]
@@ -164,13 +166,13 @@ def class_names_for(folder: Path, num_classes: int) -> list[str]:
     return names
 
 
-def _locate(root: Path, task: str, layout: str) -> tuple[Task, Path]:
+def _locate(root: Path, task: str, layout: str, open_test: bool = True) -> tuple[Task, Path]:
     """The task (``task``, or the folder name of ``root`` when empty) and its folder."""
     try:
         info = resolve_task(task or root.name, layout)
     except DataError:
         folder = root / task if task else root
-        custom = _custom_vtab_task(folder) if layout == "vtab" and folder.is_dir() else None
+        custom = _custom_vtab_task(folder, open_test) if layout == "vtab" and folder.is_dir() else None
         if custom is None:
             raise
         return custom, folder
@@ -218,8 +220,8 @@ def detect_layout(root: str | Path, task: str = "") -> str:
 def _read_text(path: Path, what: str) -> str:
     if not path.is_file():
         raise DataError(f"{path}: {what} not found; {path.parent} holds: {_listing(path.parent)}")
-    try:
-        return path.read_text(encoding="utf-8")
+    try:  # utf-8-sig: a byte-order mark (Windows editors write one) is dropped, not read as part of line 1
+        return path.read_text(encoding="utf-8-sig")
     except (OSError, UnicodeDecodeError) as e:
         raise DataError(f"{path}: cannot read {what} ({e})") from None
 
@@ -232,7 +234,9 @@ def _check_label(label: int, num_classes: int, where: str) -> None:
 def _read_list(path: Path, num_classes: int, inside: Callable[[Path, str, str], None]) -> list[tuple[Path, int]]:
     """Parse a VTAB-1k list file: labels in range, images present and (``inside``) under the data root."""
     samples = []
-    for n, rel, label in _list_entries(path):
+    entries = _list_entries(path)
+    check_repeats([(f"{path}:{n}", rel, label) for n, rel, label in entries])
+    for n, rel, label in entries:
         _check_label(label, num_classes, f"{path}:{n}")
         image = path.parent / rel
         inside(image, rel, f"{path}:{n}")
@@ -260,23 +264,55 @@ def _root_guard(root: Path, allow_outside: bool) -> Callable[[Path, str, str], N
     return check
 
 
+def check_repeats(entries: list[tuple[str, str, int]]) -> None:
+    """``(where, image path as listed, label)`` entries naming one image (after normalising ``./``, ``a//b``)
+    more than once: with two labels a `DataError` naming both places, with the same label a `DataWarning`
+    (each copy counts again in training and accuracy; the entries are kept as listed)."""
+    first: dict[str, tuple[str, int]] = {}
+    repeats = []
+    for where, rel, label in entries:
+        key = os.path.normpath(rel)
+        if key not in first:
+            first[key] = (where, label)
+            continue
+        where0, label0 = first[key]
+        if label != label0:
+            raise DataError(f"{where}: image {rel!r} is listed again with label {label}; {where0} gives it "
+                            f"label {label0}: one image, two labels")
+        repeats.append((where0, where, rel))
+    if repeats:
+        where0, where, rel = repeats[0]
+        warnings.warn(f"{where}: image {rel!r} is listed again with the same label (first at {where0}); "
+                      f"{len(repeats)} repeated entr{'y' if len(repeats) == 1 else 'ies'} in all, each counted "
+                      "again in training and in accuracy", DataWarning, stacklevel=3)
+
+
 def _read_json(path: Path) -> dict[str, int]:
-    """Parse a VPT split file: a JSON object mapping image paths to integer class ids."""
+    """Parse a VPT split file: a JSON object mapping image paths to integer class ids (a path given twice,
+    which ``json`` would silently reduce to its last value, goes through `check_repeats`)."""
+    pairs: list[tuple[str, Any]] = []
+
+    def keep_pairs(items: list[tuple[str, Any]]) -> dict:
+        pairs[:] = items
+        return dict(items)
     try:
-        data = json.loads(_read_text(path, "split file"))
+        data = json.loads(_read_text(path, "split file"), object_pairs_hook=keep_pairs)
     except json.JSONDecodeError as e:
         raise DataError(f"{path}:{e.lineno}: invalid JSON ({e.msg})") from None
+    except RecursionError:
+        raise DataError(f"{path}: invalid JSON (nested too deeply)") from None
     if not isinstance(data, dict):
         raise DataError(f"{path}: expected a JSON object mapping image paths to class ids, "
                         f"got a {type(data).__name__}")
     for rel, class_id in data.items():
         if type(class_id) is not int:
             raise DataError(f"{path}: entry {rel!r}: class id must be an integer, got {class_id!r}")
+    check_repeats([(str(path), rel, class_id) for rel, class_id in pairs])
     return data
 
 
-def _load_vtab(root: Path, task: str, split: str, inside: Callable, **opts: Any) -> LabeledImages:
-    info, folder = _locate(root, task, "vtab")
+def _load_vtab(root: Path, task: str, split: str, inside: Callable, open_test: bool, **opts: Any) -> LabeledImages:
+    info, folder = _locate(root, task, "vtab", open_test)
     if split not in VTAB_SPLITS:
         raise ConfigError(f"VTAB-1k split {split!r}: choose one of {', '.join(VTAB_SPLITS)}")
     list_file = folder / f"{split}.txt"
@@ -285,14 +321,15 @@ def _load_vtab(root: Path, task: str, split: str, inside: Callable, **opts: Any)
                          source=f"VTAB-1k {info.folder}/{split} ({list_file})", **opts)
 
 
-def _load_fgvc(root: Path, task: str, split: str, inside: Callable, **opts: Any) -> LabeledImages:
-    """Class ids are remapped in sorted order of the ids in all the json files, so every split agrees."""
+def _load_fgvc(root: Path, task: str, split: str, inside: Callable, open_test: bool, **opts: Any) -> LabeledImages:
+    """Class ids are remapped in sorted order of the ids in all the json files (test.json left out unless
+    ``open_test``), so every split agrees."""
     info, folder = _locate(root, task, "fgvc")
     if split not in FGVC_SPLITS:
         raise ConfigError(f"FGVC split {split!r}: choose one of {', '.join(FGVC_SPLITS)}")
     files = {name: folder / f"{name}.json" for name in FGVC_FILES}
     annotations = {name: _read_json(files[name]) for name in FGVC_FILES
-                   if name in FGVC_SPLITS[split] or files[name].is_file()}
+                   if name in FGVC_SPLITS[split] or (files[name].is_file() and (open_test or name != "test"))}
     ids = sorted({i for anno in annotations.values() for i in anno.values()})
     if len(ids) > info.num_classes:
         extra = ids[info.num_classes]
@@ -301,6 +338,8 @@ def _load_fgvc(root: Path, task: str, split: str, inside: Callable, **opts: Any)
                         f"{info.num_classes + 1}, but {info.folder} has {info.num_classes} classes")
     remap = {class_id: label for label, class_id in enumerate(ids)}
     image_dir = folder / info.image_subdir
+    if len(FGVC_SPLITS[split]) > 1:  # trainval: an image in both files
+        check_repeats([(str(files[n]), rel, i) for n in FGVC_SPLITS[split] for rel, i in annotations[n].items()])
     samples = []
     for name in FGVC_SPLITS[split]:
         for rel, class_id in annotations[name].items():
@@ -314,7 +353,7 @@ def _load_fgvc(root: Path, task: str, split: str, inside: Callable, **opts: Any)
                          **opts)
 
 
-def _load_folder(root: Path, task: str, split: str, inside: Callable, **opts: Any) -> LabeledImages:
+def _load_folder(root: Path, task: str, split: str, inside: Callable, open_test: bool, **opts: Any) -> LabeledImages:
     """Classes are the sorted sub-folder names (as in torchvision's ImageFolder); a folder named after a
     VTAB-1k/FGVC task may not hold more classes than that task has."""
     folder = root
@@ -419,12 +458,14 @@ class LabeledImages(Dataset):
 
 
 def load_split(root: str | Path, task: str, split: str, transform: Callable | None, *, layout: str = "auto",
-               skip_corrupt: bool = False, allow_outside_root: bool = False) -> LabeledImages:
+               skip_corrupt: bool = False, allow_outside_root: bool = False, open_test: bool = True) -> LabeledImages:
     """One split of a data set under ``root`` in layout 'vtab', 'fgvc', 'folder' or 'auto' (detected).
 
     ``task`` names the task folder under ``root`` (a VTAB-1k/FGVC name or alias, or an image folder's name);
     empty means ``root`` is the task folder. For 'folder', ``split`` is a sub-folder, or empty for none.
     Every image must lie under ``root`` (after resolving '..' and symlinks) unless ``allow_outside_root``.
+    ``open_test=False`` never opens the test split's list or split file (a tuner's promise): a custom task's
+    class count and FGVC's class ids then come from the other files, and ``split`` may not be the test split.
     """
     root = Path(root)
     if layout not in LAYOUTS:
@@ -437,8 +478,10 @@ def load_split(root: str | Path, task: str, split: str, transform: Callable | No
     looked: list[str] = []
     if layout == "auto":
         layout, looked = _detect(root, task)
+    if not open_test and split == "test":
+        raise ConfigError("the test split may not be opened here (open_test=False)")
     try:
-        return _LOADERS[layout](root, task, split, inside, transform=transform, skip_corrupt=skip_corrupt)
+        return _LOADERS[layout](root, task, split, inside, open_test, transform=transform, skip_corrupt=skip_corrupt)
     except DataError as e:
         if looked:  # a benchmark task's name that fell back to an image folder: say what else was tried
             raise DataError(f"{e}; also looked for {'; '.join(looked)}") from None

@@ -5,6 +5,7 @@ import torch
 import torch.nn as nn
 
 from arcvit.core.sites import find_blocks, readers
+from arcvit.errors import ConfigError
 
 
 class AdaptFormerMLP(nn.Module):
@@ -34,8 +35,11 @@ class AdaptFormerMLP(nn.Module):
 
 def add_adaptformer(model: nn.Module, bottleneck: int, dropout: float) -> None:
     """Put an AdaptFormer bottleneck beside every block's MLP (the backbone is frozen by the caller)."""
-    for _, block, _ in find_blocks(model):
+    for name, block, _ in find_blocks(model):
         reference = readers(block, "mlp")[0].linear.weight
+        if bottleneck > reference.shape[1]:
+            raise ConfigError(f"rank {bottleneck} exceeds the model's width {reference.shape[1]} (at {name}): "
+                              "AdaptFormer's bottleneck may be no wider than the MLP input it adapts")
         adapter = AdaptFormerMLP(block.mlp, reference.shape[1], bottleneck, dropout)
         block.mlp = adapter.to(device=reference.device, dtype=reference.dtype).train(model.training)
 

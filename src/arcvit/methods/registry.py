@@ -16,9 +16,16 @@ import torch.nn as nn
 from arcvit.core.arc import apply_arc, classifier, is_adapted
 from arcvit.core.arc import merge as merge_arc
 from arcvit.core.config import ARCConfig
+from arcvit.core.sites import find_blocks
 from arcvit.errors import ConfigError, ModelError
 from arcvit.methods.adaptformer import add_adaptformer, has_adaptformer
+from arcvit.methods.fact import SHARED_ATTR as FACT_ATTR
+from arcvit.methods.fact import add_fact
 from arcvit.methods.peft import is_peft_model, merge_peft, wrap_peft
+from arcvit.methods.reparam import has_reparams, merger, refuse_bypassed_qkv
+from arcvit.methods.repadapter import add_repadapter
+from arcvit.methods.rlrr import add_rlrr
+from arcvit.methods.ssf import add_ssf
 
 DEFAULT_TARGETS = ("qkv", "fc1")
 Prepare = Callable[[nn.Module, "Options"], nn.Module]
@@ -42,7 +49,8 @@ class MethodSpec:
 
     mergeable: the trained model folds into the plain model, so inference costs nothing extra.
     default_rank / default_dropout: what ``prepare_model`` uses when given None; both None for methods
-    that have neither (linear, full, bitfit). "Rank" is ARC's and LoRA's r, VeRA's r, AdaptFormer's bottleneck.
+    that have neither (linear, full, bitfit, ssf, rlrr). "Rank" is ARC's and LoRA's r, VeRA's r, AdaptFormer's
+    and RepAdapter's bottleneck, FacT's r.
     """
 
     name: str
@@ -67,7 +75,26 @@ def _prepare_arc(model: nn.Module, o: Options) -> nn.Module:
     return apply_arc(model, ARCConfig(rank=o.rank, mode=o.method, dropout=o.dropout, zero_head=True, **impl))
 
 
+def _check_peft_rank(model: nn.Module, o: Options) -> None:
+    """LoRA's (and DoRA's) r above its target layers' width adds nothing (the update's rank is at most
+    min(in, out)) and an absurd one only fails in the allocator; VeRA's r sizes frozen random projections,
+    which may exceed the width (its paper uses 1024 on a width of 768) up to the target layers' largest
+    dimension."""
+    shapes = [(m.in_features, m.out_features) for name, m in model.named_modules() if isinstance(m, nn.Linear)
+              and any(name == t or name.endswith("." + t) for t in o.targets)]
+    if not shapes:  # PEFT names the missing targets itself
+        return
+    limit = max(max(s) for s in shapes) if o.method == "vera" else min(min(s) for s in shapes)
+    if o.rank > limit:
+        what = "the largest dimension of" if o.method == "vera" else "the width of"
+        raise ConfigError(f"rank {o.rank} exceeds {what} {o.method}'s target layers ({', '.join(o.targets)}): "
+                          f"{limit}; use --rank {limit} or less")
+
+
 def _prepare_peft(model: nn.Module, o: Options) -> nn.Module:
+    _check_peft_rank(model, o)
+    if "qkv" in o.targets:
+        refuse_bypassed_qkv(model, o.method)
     _zero_head(model, o.head)
     return wrap_peft(model, o.method, o.rank, o.dropout, o.targets, o.head)
 
@@ -90,6 +117,20 @@ def _copy(model: nn.Module) -> nn.Module:
     return copy.deepcopy(model)
 
 
+def _reparam(add: Callable[[nn.Module, Options], None]) -> Prepare:
+    """A re-parameterisable method (``methods/reparam.py``): its modules added to the frozen backbone, + head.
+    A model without transformer blocks arcvit knows is refused in one line naming the method."""
+    def add_to_blocks(model: nn.Module, o: Options) -> None:
+        try:
+            find_blocks(model)
+        except ModelError as e:
+            raise ModelError(f"{o.method}: {e}") from None
+        if o.method != "repadapter":  # RepAdapter acts on the attention's input, not on its Linears
+            refuse_bypassed_qkv(model, o.method)
+        add(model, o)
+    return _train_only(lambda n: False, add_to_blocks)
+
+
 SPECS: dict[str, MethodSpec] = {spec.name: spec for spec in (
     MethodSpec("arc", True, "ARC: shared low-rank adapters on every attention and MLP input, + head",
                _prepare_arc, merge_arc, ARCConfig.rank, ARCConfig.dropout),
@@ -105,6 +146,22 @@ SPECS: dict[str, MethodSpec] = {spec.name: spec for spec in (
                _prepare_peft, lambda m: merge_peft(m, "vera"), 256, 0.0),
     MethodSpec("adaptformer", False, "AdaptFormer: parallel ReLU bottleneck adapter on every MLP, + head",
                _train_only(lambda n: False, lambda m, o: add_adaptformer(m, o.rank, o.dropout)), None, 8, 0.1),
+    MethodSpec("ssf", True, "SSF: per-channel scale and shift after every Linear, norm and patch embedding, + head",
+               _reparam(lambda m, o: add_ssf(m, o.head)), merger("ssf", "ssf")),
+    MethodSpec("repadapter", True, "RepAdapter: group-wise linear adapter before every attention and MLP, "
+               "folded into their Linears, + head",
+               _reparam(lambda m, o: add_repadapter(m, o.rank, o.dropout)), merger("repadapter", "repadapter"),
+               8, 0.1),
+    MethodSpec("fact_tt", True, "FacT-TT: tensor-train factorised weight increments of every block Linear, + head",
+               _reparam(lambda m, o: add_fact(m, o.method, o.rank, o.dropout)),
+               merger("fact_tt", "fact_tt", (FACT_ATTR,)), 8, 0.1),
+    MethodSpec("fact_tk", True, "FacT-TK: Tucker factorised weight increments of every block Linear, + head",
+               _reparam(lambda m, o: add_fact(m, o.method, o.rank, o.dropout)),
+               merger("fact_tk", "fact_tk", (FACT_ATTR,)), 32, 0.1),
+    MethodSpec("rlrr", True, "RLRR: residual rank-one rescaling of every block Linear, SSF on norms, + head",
+               _reparam(lambda m, o: add_rlrr(m, o.head)), merger("rlrr", "rlrr")),
+    MethodSpec("dora", True, "DoRA (HF PEFT): LoRA with a trained magnitude per output, alpha = r, + head",
+               _prepare_peft, lambda m: merge_peft(m, "dora"), 8, 0.0),
 )}
 METHODS: tuple[str, ...] = tuple(SPECS)
 
@@ -116,7 +173,7 @@ def method_spec(method: str) -> MethodSpec:
 
 
 def _has_adapters(model: nn.Module) -> bool:
-    return is_peft_model(model) or is_adapted(model) or has_adaptformer(model)
+    return is_peft_model(model) or is_adapted(model) or has_adaptformer(model) or has_reparams(model)
 
 
 def _head_name(model: nn.Module) -> str:

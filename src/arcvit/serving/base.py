@@ -2,19 +2,25 @@
 
 Subclasses say how a task is prepared from its adapter folder (outside the lock: reading and checking files),
 installed and removed (inside it), and how a mixed batch is run. A refused task changes nothing.
+
+A request pins the tasks it asked for: a task removed while pinned stops being listed and accepting new
+requests at once, and leaves the backbone when its last pinned request is answered, so that a ``task=all``
+request racing a DELETE answers for every task that was loaded when it started.
 """
 from __future__ import annotations
 
+import contextlib
 import threading
+from collections import Counter
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 import torch.nn as nn
 
 from arcvit.data.transforms import build_transform
-from arcvit.errors import ArcvitError
-from arcvit.serving.tasks import TaskInfo, UnknownTask, check_task_name, task_folders
+from arcvit.errors import AdapterFileError, ArcvitError
+from arcvit.serving.tasks import TaskInfo, UnknownTask, check_task_name, task_folder, task_folders
 
 
 class TaskModel:
@@ -23,6 +29,8 @@ class TaskModel:
         self.transform = build_transform(backbone, recipe="timm", train=False)
         self._tasks: dict[str, TaskInfo] = {}
         self.lock = threading.RLock()  # held while a batch runs or the tasks change
+        self._pins: Counter[str] = Counter()  # task -> requests in flight that asked for it
+        self._leaving: dict[str, TaskInfo] = {}  # removed while pinned: still installed until unpinned
 
     @property
     def tasks(self) -> dict[str, TaskInfo]:
@@ -36,15 +44,41 @@ class TaskModel:
         info, state = self._prepare(name, Path(adapter_dir))
         with self.lock:
             self._install(name, state)  # replaces a loaded task of that name once the new one is in place
+            self._leaving.pop(name, None)
             self._tasks[name] = info
         return info
 
     def remove(self, name: str) -> None:
+        """Unload ``name`` now for new requests; its adapter goes once no request in flight holds it."""
         with self.lock:
             if name not in self._tasks:
                 raise UnknownTask(name)
-            self._uninstall(name)
-            del self._tasks[name]
+            info = self._tasks.pop(name)
+            if self._pins[name] > 0:
+                self._leaving[name] = info
+            else:
+                self._uninstall(name)
+
+    def served(self, name: str) -> TaskInfo | None:
+        """The task a batch item of ``name`` runs with: loaded, or removed while a request holds it."""
+        with self.lock:
+            return self._tasks.get(name) or self._leaving.get(name)
+
+    @contextlib.contextmanager
+    def pinned(self, names: Sequence[str]) -> Iterator[None]:
+        """Keep ``names`` servable until the block ends, even if they are removed meanwhile."""
+        with self.lock:
+            self._pins.update(names)
+        try:
+            yield
+        finally:
+            with self.lock:
+                self._pins.subtract(names)
+                for name in names:
+                    if self._pins[name] <= 0:
+                        del self._pins[name]
+                        if self._leaving.pop(name, None) is not None:
+                            self._uninstall(name)
 
     @torch.inference_mode()
     def predict(self, images: torch.Tensor, tasks: Sequence[str]) -> list[torch.Tensor]:
@@ -53,7 +87,7 @@ class TaskModel:
             raise ValueError(f"{len(images)} images but {len(tasks)} task names")
         with self.lock:
             for name in tasks:
-                if name not in self._tasks:
+                if self.served(name) is None:
                     raise UnknownTask(name)
             return self._forward(images, list(tasks))
 
@@ -80,12 +114,19 @@ def per_task(tasks: list[str], run: Callable[[str, list[int]], torch.Tensor]) ->
     return out
 
 
+def check_finite(weights: Path, tensors: dict[str, torch.Tensor]) -> None:
+    """Refuse a task whose adapter or head holds NaN or inf: every image of its batches would score NaN."""
+    for key, tensor in tensors.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise AdapterFileError(f"{weights}: tensor {key} holds non-finite values (NaN or inf)")
+
+
 def load_tasks(model: TaskModel, root: Path) -> list[str]:
     """Add every task folder under ``root``; a folder that fails is reported and skipped. Returns the errors."""
     errors = []
-    for name, folder in task_folders(root).items():
+    for name in task_folders(root):
         try:
-            model.add(name, folder)
+            model.add(name, task_folder(root, name))
         except ArcvitError as e:
             errors.append(f"task {name!r} not loaded: {e}")
     return errors

@@ -15,10 +15,10 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from arcvit.core.adapter_file import load_adapter, read_adapter
+from arcvit.core.adapter_file import WEIGHTS_NAME, AdapterContents, load_adapter, read_adapter
 from arcvit.core.arc import backbone_fingerprint, delete_adapter, merge, routed, set_active_adapter
 from arcvit.errors import AdapterFileError
-from arcvit.serving.base import TaskModel
+from arcvit.serving.base import TaskModel, check_finite
 from arcvit.serving.tasks import TaskInfo, UnknownTask
 
 
@@ -49,21 +49,23 @@ class MultiTask(TaskModel):
         self._serial = itertools.count()
         self._merged: tuple[str, nn.Module] | None = None
 
-    def _prepare(self, name: str, directory: Path) -> tuple[TaskInfo, nn.Linear]:
+    def _prepare(self, name: str, directory: Path) -> tuple[TaskInfo, tuple[Path, AdapterContents, nn.Linear]]:
         contents = read_adapter(directory)  # format, checksum and config checked
+        check_finite(directory / WEIGHTS_NAME, contents.tensors | contents.head)
         saved = contents.meta["backbone"]["fingerprint"]
         if saved != self._fingerprint:
             raise AdapterFileError(f"{directory}: the backbone weights differ from those the adapter was trained "
                                    f"on (fingerprint {self._fingerprint[:12]} vs {saved[:12]})")
         head = _head(directory, contents.head, self.width)
-        return TaskInfo.from_meta(name, directory, contents.meta, head.out_features), (directory, head)
+        return TaskInfo.from_meta(name, directory, contents.meta, head.out_features), (directory, contents, head)
 
-    def _install(self, name: str, state: tuple[Path, nn.Linear]) -> None:
-        directory, head = state
+    def _install(self, name: str, state: tuple[Path, AdapterContents, nn.Linear]) -> None:
+        directory, contents, head = state  # the contents checked by _prepare: the files are not read again
         # A fresh adapter name per load (task names may hold '.', adapter names may not): a reload places the
         # new adapter beside the old one, and the old one goes only once the new one is in.
         adapter = f"task{next(self._serial)}"
-        load_adapter(self.backbone, directory, name=adapter, check_backbone=False, load_head=False)
+        load_adapter(self.backbone, directory, name=adapter, check_backbone=False, load_head=False,
+                     contents=contents)
         self.backbone.eval().requires_grad_(False)
         if name in self._adapters:
             delete_adapter(self.backbone, self._adapters[name])

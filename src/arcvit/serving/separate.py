@@ -9,8 +9,8 @@ import torch
 import torch.nn as nn
 
 import arcvit
-from arcvit.core.adapter_file import read_adapter_config
-from arcvit.serving.base import TaskModel, per_task
+from arcvit.core.adapter_file import WEIGHTS_NAME, read_adapter
+from arcvit.serving.base import TaskModel, check_finite, per_task
 from arcvit.serving.tasks import TaskInfo
 
 
@@ -22,10 +22,12 @@ class SeparateModels(TaskModel):
         self._models: dict[str, nn.Module] = {}
 
     def _prepare(self, name: str, directory: Path) -> tuple[TaskInfo, nn.Module]:
-        meta = read_adapter_config(directory)
+        contents = read_adapter(directory)
+        check_finite(directory / WEIGHTS_NAME, contents.tensors | contents.head)
+        meta = contents.meta
         model = copy.deepcopy(self.backbone)
         model.reset_classifier(meta["num_classes"])
-        arcvit.load_adapter(model, directory)
+        arcvit.load_adapter(model, directory, contents=contents)  # what was checked, not a second read
         return TaskInfo.from_meta(name, directory, meta, meta["num_classes"]), arcvit.merge(model).eval()
 
     def _install(self, name: str, state: nn.Module) -> None:

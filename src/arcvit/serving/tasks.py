@@ -57,10 +57,19 @@ def check_task_name(name: str) -> str:
 
 
 def task_folder(root: Path, name: str) -> Path:
-    """``root/name`` for a valid task name, when it is a real folder directly under ``root``."""
+    """``root/name`` for a valid task name, when it is a real folder directly under ``root`` whose files do not
+    lead out of ``root`` (a link to ``/etc/...`` or another user's files is refused, not read)."""
     folder = Path(root) / check_task_name(name)
     if folder.is_symlink() or not folder.is_dir():
         raise UnknownTask(name) if not folder.exists() else ConfigError(f"{folder}: not a plain folder")
+    inside = Path(root).resolve()
+    for entry in folder.iterdir():
+        try:
+            target = entry.resolve()
+        except (OSError, RuntimeError):  # a link loop
+            raise ConfigError(f"{entry}: a link that leads nowhere (a loop)") from None
+        if not target.is_relative_to(inside):
+            raise ConfigError(f"{entry}: a link that leads out of the adapter folder {root} (refused)")
     return folder
 
 

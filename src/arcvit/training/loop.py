@@ -5,7 +5,8 @@ A run folder holds ``settings.json`` (every setting, seed, protocol, data finger
 newest good one), ``results.json`` (written last: its presence means the run finished), and the trained
 weights (``adapter/`` for ARC, ``trainable.safetensors`` for the other methods). While a run trains, its folder
 is locked: a second ``train`` into it stops at once (``arcvit.training.runfolder``). A loss or gradient norm that stops
-being finite ends the run with :class:`~arcvit.errors.TrainingDiverged`; earlier checkpoints stay. settings.json
+being finite ends the run with :class:`~arcvit.errors.TrainingDiverged`, and so do validation or test logits that are
+not finite (no accuracy is reported from them); earlier checkpoints stay. settings.json
 records the precision Fabric actually runs (on CPU it runs ``16-mixed`` as ``bf16-mixed``, and says so).
 
 The loop follows Lightning Fabric's own trainer example: :func:`train` orchestrates set-up, one function per
@@ -41,14 +42,16 @@ from arcvit.core.arc import is_adapted
 from arcvit.core.params import parameter_breakdown
 from arcvit.core.sites import find_blocks
 from arcvit.data.layouts import detect_layout, load_split, warn_unseen_classes
+from arcvit.data.manifest import data_provenance
 from arcvit.data.transforms import build_transform
-from arcvit.errors import ConfigError, TrainingDiverged
+from arcvit.errors import ConfigError, NonFiniteOutput, TrainingDiverged
 from arcvit.fileio import sha256_file, write_json, write_safetensors
 from arcvit.methods import SPECS, prepare_model, trainable_state_dict
 from arcvit.training.checkpoint import (LOOP, MODEL, OPTIMIZER, SCHEDULER, SafeCheckpointIO, fabric_load, fabric_save,
                                        load_latest_checkpoint)
 from arcvit.training.config import PROTOCOL_SPLITS, DataSpec, TrainConfig
-from arcvit.training.devices import require_accelerator
+from arcvit.training.devices import require_devices
+from arcvit.training.finite import nonfinite_error, nonfinite_items
 from arcvit.training.progress import EpochProgress
 from arcvit.training.runfolder import check_resumable, refuse_to_overwrite, run_lock, started_impl, write_metrics
 
@@ -68,17 +71,22 @@ class _Shard(torch.utils.data.Sampler):
 
 @torch.no_grad()
 def evaluate(fabric: Fabric, model: nn.Module, dataset: Dataset, batch_size: int, num_workers: int = 0) -> float:
-    """Top-1 accuracy over ``dataset``, sharded across processes and summed."""
+    """Top-1 accuracy over ``dataset``, sharded across processes and summed. Logits that are not finite on any
+    process raise :class:`~arcvit.errors.NonFiniteOutput` on every process (counted in the same all-reduce)."""
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers,
                         sampler=_Shard(len(dataset), fabric.global_rank, fabric.world_size))
     model.eval()
-    correct = torch.zeros(2, device=fabric.device)
+    counts = torch.zeros(3, device=fabric.device)  # correct, seen, seen with a non-finite logit
     for images, labels in loader:
         images, labels = images.to(fabric.device), labels.to(fabric.device)
-        correct[0] += (model(images).argmax(-1) == labels).sum()
-        correct[1] += labels.numel()
-    correct = fabric.all_reduce(correct, reduce_op="sum")
-    return (correct[0] / correct[1]).item()
+        logits = model(images)
+        counts[0] += (logits.argmax(-1) == labels).sum()
+        counts[1] += labels.numel()
+        counts[2] += nonfinite_items(logits)
+    counts = fabric.all_reduce(counts, reduce_op="sum")
+    if counts[2].item():
+        raise nonfinite_error(getattr(dataset, "source", "the evaluated split"), int(counts[2]), int(counts[1]))
+    return (counts[0] / counts[1]).item()
 
 
 def _schedule(cfg: TrainConfig, steps_per_epoch: int):
@@ -180,6 +188,7 @@ def train(backbone: str, data: DataSpec, cfg: TrainConfig, out_dir: str | Path, 
     ``evaluate_test=False`` the test split is never opened; ``test_top1`` and ``test_images`` are None.
     """
     out = Path(out_dir)
+    require_devices(cfg.accelerator, cfg.devices)  # before the run folder, the data or the model
     with run_lock(out):
         finished = refuse_to_overwrite(out, resume)
         cfg = started_impl(out, cfg) if resume else cfg
@@ -211,7 +220,7 @@ def _load(backbone: str, data: DataSpec, cfg: TrainConfig, checkpoint: str | Pat
     model = create_backbone(backbone, num_classes=1, checkpoint=checkpoint, pretrained=pretrained,
                             drop_path_rate=cfg.drop_path)  # head resized below
     splits = {role: load_split(data.root, data.task, split, layout=layout, skip_corrupt=data.skip_corrupt,
-                               allow_outside_root=data.allow_outside_root,
+                               allow_outside_root=data.allow_outside_root, open_test=evaluate_test,
                                transform=build_transform(model, recipe=cfg.recipe, train=role == "train",
                                                          layout=layout))
               for role, split in roles.items() if split is not None}
@@ -229,6 +238,7 @@ def _load(backbone: str, data: DataSpec, cfg: TrainConfig, checkpoint: str | Pat
         "pretrained": pretrained,
         "data": asdict(data) | {"layout": layout, "splits": {r: s for r, s in roles.items() if s}},
         "data_fingerprints": {role: ds.fingerprint() for role, ds in splits.items()},
+        "data_manifest": data_provenance(data.root, data.task),  # the root's MANIFEST.json digest, or "unverified"
         "train": asdict(cfg), "num_classes": splits["train"].num_classes,
         "versions": {"arcvit": __version__, "torch": torch.__version__, "timm": timm.__version__,
                      "python": platform.python_version()},
@@ -239,7 +249,6 @@ def _load(backbone: str, data: DataSpec, cfg: TrainConfig, checkpoint: str | Pat
 
 def _make_fabric(cfg: TrainConfig, model: nn.Module, out: Path) -> Fabric:
     plugins = [] if cfg.strategy == "fsdp" else [SafeCheckpointIO()]  # FSDP takes no CheckpointIO plugin
-    require_accelerator(cfg.accelerator)
     try:
         return Fabric(accelerator=cfg.accelerator, devices=cfg.devices, num_nodes=cfg.num_nodes,
                       strategy=_strategy(cfg, model), precision=cfg.precision, plugins=plugins,
@@ -355,17 +364,29 @@ def _stop_unless_finite(run: _Run, value: torch.Tensor, what: str, where: str) -
     if run.fabric.world_size > 1:
         bad = run.fabric.all_reduce(bad, reduce_op="sum")
     if bad.item():
-        hint = "lower --lr" + ("" if run.cfg.grad_clip > 0 else " or set --grad-clip")
-        raise TrainingDiverged(f"{run.out}: training diverged at {where}: {what} is not a finite number; {hint} "
-                               f"(checkpoints of finished epochs are kept in {run.checkpoint_dir})")
+        raise _diverged(run, where, f"{what} is not a finite number")
+
+
+def _diverged(run: _Run, where: str, what: str) -> TrainingDiverged:
+    hint = "lower --lr" + ("" if run.cfg.grad_clip > 0 else " or set --grad-clip")
+    return TrainingDiverged(f"{run.out}: training diverged at {where}: {what}; {hint} "
+                            f"(checkpoints of finished epochs are kept in {run.checkpoint_dir})")
+
+
+def _evaluate(run: _Run, role: str, where: str) -> float:
+    """Top-1 on one split; logits that are not finite end the run as a loss that is not finite does (nothing of
+    the epoch saved, no results): an argmax over NaN would report a chance-level accuracy as if it were one."""
+    try:
+        return evaluate(run.fabric, run.model, run.splits[role], run.cfg.eval_batch_size, run.cfg.num_workers)
+    except NonFiniteOutput as e:
+        raise _diverged(run, where, f"the {role} evaluation failed: {e}") from None
 
 
 def _end_epoch(run: _Run, state: LoopState, row: dict[str, Any], bar: EpochProgress) -> None:
     """Validation (protocol ``select``) and the best epoch so far, then metrics.csv, loggers and checkpoint."""
-    fabric, cfg = run.fabric, run.cfg
+    fabric = run.fabric
     if "val" in run.splits:
-        row["val_top1"] = round(evaluate(fabric, run.model, run.splits["val"], cfg.eval_batch_size,
-                                         cfg.num_workers), 6)
+        row["val_top1"] = round(_evaluate(run, "val", f"epoch {row['epoch']}"), 6)
         if row["val_top1"] > state.best_val:
             state.best_val, state.best_epoch = row["val_top1"], row["epoch"]
             state.best_weights = {n: p.detach().clone() for n, p in run.raw.named_parameters() if n in run.names}
@@ -388,7 +409,7 @@ def _finish(run: _Run, state: LoopState, settings: dict[str, Any]) -> dict[str, 
             for n, p in run.raw.named_parameters():
                 if n in run.names:
                     p.copy_(state.best_weights[n])
-    test_top1 = evaluate(fabric, run.model, splits["test"], cfg.eval_batch_size, cfg.num_workers) \
+    test_top1 = _evaluate(run, "test", f"the end (epoch {state.best_epoch or cfg.epochs}'s weights)") \
         if "test" in splits else None
     counts = parameter_breakdown(run.raw)
     state.tick()
@@ -400,6 +421,7 @@ def _finish(run: _Run, state: LoopState, settings: dict[str, Any]) -> dict[str, 
         "val_top1": state.best_val if state.best_epoch else None,
         "trainable_params": counts["trainable"], "total_params": counts["total"],
         "mergeable": SPECS[cfg.method].mergeable, "seed": cfg.seed,
+        "data_digest": settings["data_manifest"]["digest"], "data_source": settings["data_manifest"]["source"],
         "train_images": len(splits["train"]), "test_images": len(splits["test"]) if "test" in splits else None,
         "wall_time_s": round(state.elapsed_s, 1),
         "images_per_s": round(sum(r["images_per_s"] for r in state.metrics) / max(1, len(state.metrics)), 1),

@@ -33,9 +33,11 @@ def _launching_rank_zero() -> bool:
 
 
 @contextlib.contextmanager
-def run_lock(out: Path) -> Iterator[None]:
+def run_lock(out: Path, busy: str = "another arcvit process is training into this run folder; wait for it "
+                                   "to finish, or choose another --out") -> Iterator[None]:
     """Hold an OS lock on the folder ``out`` (created if missing) while a run trains into it; the OS releases it
-    when the process ends, however it ends. Only the process that becomes rank 0 takes it."""
+    when the process ends, however it ends. Only the process that becomes rank 0 takes it. ``busy``: what a
+    second process is told."""
     if out.exists() and not out.is_dir():
         raise ConfigError(f"{out}: exists and is not a folder; --out names the run folder")
     if fcntl is None or not _launching_rank_zero():
@@ -48,8 +50,7 @@ def run_lock(out: Path) -> Iterator[None]:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise ConfigError(f"{out}: another arcvit process is training into this run folder; wait for it "
-                              "to finish, or choose another --out") from None
+            raise ConfigError(f"{out}: {busy}") from None
         yield
     except BaseException:
         if created and not any(out.iterdir()):  # a run refused before it wrote anything leaves no folder

@@ -20,6 +20,7 @@ SEARCHABLE = ("lr", "weight_decay", "rank", "adapter_dropout", "label_smoothing"
               "warmup_epochs", "batch_size", "grad_clip")
 WHOLE = ("rank", "epochs", "warmup_epochs", "batch_size")  # integer settings: their ranges have integer ends
 ADAPTER_ONLY = ("rank", "adapter_dropout")
+EDGE_FRACTION = 0.05  # a tuned value this close to an end of its range (of its width; log width on a log scale)
 
 
 def _number(value: Any) -> bool:
@@ -46,12 +47,36 @@ class Range:
 
     def ends(self) -> tuple[Any, ...]:
         """The extreme values a trial can get, to check them as settings before searching."""
-        return self.choices if self.choices is not None else (self.low, self.high)
+        return (min(self.choices), max(self.choices)) if self.choices is not None else (self.low, self.high)
 
     def to_dict(self) -> dict[str, Any]:
         if self.choices is not None:
             return {"choices": list(self.choices)}
         return {"low": self.low, "high": self.high, "log": self.log}
+
+    def edge(self, value: Any) -> str | None:
+        """'low' or 'high' when ``value`` lies within ``EDGE_FRACTION`` of that end of the range: the best value
+        may lie beyond it, so the range binds. Choices: the smallest or largest of three or more."""
+        if not _number(value):
+            return None
+        if self.choices is not None:
+            if len(self.choices) < 3:
+                return None
+            return "low" if value == min(self.choices) else "high" if value == max(self.choices) else None
+        scale = math.log if self.log else float
+        position = (scale(value) - scale(self.low)) / (scale(self.high) - scale(self.low))
+        return "low" if position <= EDGE_FRACTION else "high" if position >= 1 - EDGE_FRACTION else None
+
+
+def at_edges(ranges: Mapping[str, Range], params: Mapping[str, Any]) -> dict[str, str]:
+    """The searched settings of one trial that sit at an edge of their range: name -> 'low' or 'high'."""
+    edges = {name: r.edge(params.get(name)) for name, r in ranges.items()}
+    return {name: end for name, end in edges.items() if end is not None}
+
+
+def edges_text(edges: Mapping[str, str]) -> str:
+    """'lr (high), rank (low)'; empty when nothing sits at an edge."""
+    return ", ".join(f"{name} ({end})" for name, end in edges.items())
 
 
 def _range(name: str, table: Mapping[str, Any], where: str) -> Range:

@@ -7,27 +7,43 @@ never opened (``evaluate_test=False``). The study lives in Optuna's RDB storage,
 ``storage`` names a database, so a killed search resumes (``resume=True``) with its finished trials kept, and
 several machines share one search by running tune against one storage URL. ``final=True`` then retrains the
 best settings under the ``final`` protocol and evaluates test once.
+
+Everything a search needs is checked before the study is created (``make_job``): every corner of the search
+space makes a valid run, the accelerator exists, the training and validation lists load (the test split's list
+is never opened, so a class only the test split holds is reported by ``train``/``eval``, not here), the largest
+batch fits the training split, the backbone loads with its weights, and the method fits it at every rank a trial
+can get (built on the meta device: no memory). A study records what it was started with, the data's root and fingerprints included,
+and a resumed or shared study must go on with the same. One process works in a study folder at a time (an OS
+lock the OS releases when the process ends, however it ends); several processes share a search through one
+``storage``, each with its own folder. An error raised inside Optuna or SQLAlchemy reaches the user as one line.
 """
 from __future__ import annotations
 
+import contextlib
+import itertools
 import sys
 import warnings
-from collections.abc import Mapping
-from dataclasses import asdict, dataclass
+from collections.abc import Iterator, Mapping
+from dataclasses import asdict, dataclass, replace
 from functools import partial
 from pathlib import Path
 from typing import Any
 
-from arcvit.errors import ConfigError, TrainingDiverged
+from arcvit.errors import ConfigError, DataWarning, NonFiniteOutput, TrainingDiverged
 from arcvit.fileio import write_json, write_text
-from arcvit.training.config import RUNTIME_FIELDS, DataSpec, TrainConfig
+from arcvit.training.config import PROTOCOL_SPLITS, RUNTIME_FIELDS, DataSpec, TrainConfig
+from arcvit.training.devices import require_accelerator
 from arcvit.training.loop import train
-from arcvit.training.search_space import SearchSpace, load_search_space
+from arcvit.training.runfolder import run_lock
+from arcvit.training.search_space import SearchSpace, at_edges, edges_text, load_search_space
 from arcvit.training.tune_outputs import recipe_toml, write_plots, write_trials_csv
 
 STUDY_FILE = "study.db"
 TUNE_SET_FIELDS = ("method", "protocol")  # tune sets these itself
 PRUNER_STARTUP_TRIALS = 3  # the median pruner stops nothing before this many trials have finished
+CONNECT_TIMEOUT_S = 10  # a PostgreSQL study server that does not answer fails after this long
+BUSY = ("another arcvit tune process is working in this study folder; wait for it to end, or join its search "
+        "from another --out through a shared --storage")
 
 
 def sampler_startup_trials(trials: int) -> int:
@@ -42,7 +58,7 @@ def _optuna():
         import optuna
     except ModuleNotFoundError:
         raise ConfigError("arcvit tune needs optuna: pip install 'arcvit[tune]'") from None
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    optuna.logging.set_verbosity(optuna.logging.ERROR)  # its warnings repeat a failed trial's error with a traceback
     return optuna
 
 
@@ -66,6 +82,7 @@ class TuneJob:
     study_name: str | None = None
     checkpoint: str | None = None
     pretrained: bool = True
+    data_identity: Mapping[str, Any] | None = None  # root, layout, fingerprints: set by make_job
 
     @property
     def task(self) -> str:
@@ -81,15 +98,20 @@ class TuneJob:
         """What a study was started with: a resumed or shared study must go on with the same."""
         recipe = {k: v for k, v in asdict(self.settings()).items() if k not in RUNTIME_FIELDS}
         return {"task": self.task, "method": self.method, "backbone": self.backbone, "checkpoint": self.checkpoint,
-                "pretrained": self.pretrained, "settings": recipe, "space": self.space.to_dict()}
+                "pretrained": self.pretrained, "data": self.data_identity, "settings": recipe,
+                "space": self.space.to_dict()}
 
 
 def make_job(backbone: str, data: DataSpec, method: str, trials: int, study_dir: str | Path, *,
              base: Mapping[str, Any] | None = None, fixed: Mapping[str, Any] | None = None,
              space_file: str | Path | None = None, **options: Any) -> TuneJob:
-    """A checked TuneJob: every input is validated here, before anything is written."""
+    """A checked TuneJob: every input is validated here, before anything is written: the settings at every
+    corner of the space, the storage URL, the accelerator, the training and validation data (never the test
+    split's list) and the method on the backbone at every rank a trial can get."""
     if isinstance(trials, bool) or not isinstance(trials, int) or trials < 1:
         raise ConfigError(f"--trials must be a positive whole number, got {trials!r}")
+    if Path(study_dir).exists() and not Path(study_dir).is_dir():
+        raise ConfigError(f"{study_dir}: exists and is not a folder; --out names the study folder")
     fixed = dict(fixed or {})
     set_here = [k for k in TUNE_SET_FIELDS if k in fixed]
     if set_here:
@@ -101,10 +123,104 @@ def make_job(backbone: str, data: DataSpec, method: str, trials: int, study_dir:
     if cfg.devices * cfg.num_nodes > 1:
         raise ConfigError("tune trains each trial in one process (devices 1, num_nodes 1); run several tune "
                           "processes against one --storage instead")
-    for r in space.ranges.values():  # both ends of every range must make a valid run
-        for end in r.ends():
-            job.settings({r.name: end})
-    return job
+    _check_storage(job.storage)
+    corners = [_corner_settings(job, corner) for corner in _corners(space)]
+    require_accelerator(cfg.accelerator)
+    data = _check_data(job)
+    largest = max(c.batch_size for c in corners)
+    if largest > data["train_images"]:
+        raise ConfigError(f"batch_size {largest} (the largest a trial can get) is larger than the training split "
+                          f"({data['train_images']} images)")
+    _check_model(job, corners, data["num_classes"])
+    return replace(job, data_identity={k: data[k] for k in ("root", "layout", "fingerprints")})
+
+
+def _corners(space: SearchSpace) -> Iterator[dict[str, Any]]:
+    """Every combination of the ranges' ends: the settings a trial can get at the edges of the space (a
+    setting's validity only ever depends on its extremes, e.g. warmup_epochs below epochs)."""
+    ranges = list(space.ranges.values())
+    for ends in itertools.product(*(r.ends() for r in ranges)):
+        yield {r.name: end for r, end in zip(ranges, ends)}
+
+
+def _corner_settings(job: TuneJob, corner: dict[str, Any]) -> TrainConfig:
+    try:
+        return job.settings(corner)
+    except ConfigError as e:
+        drawn = ", ".join(f"{k} = {v!r}" for k, v in corner.items())
+        raise ConfigError(f"search space: a trial can draw {drawn}, which makes no valid run ({e})") from None
+
+
+def _check_storage(url: str | None) -> None:
+    """A storage URL that parses and outlives the process: a study in memory could be neither resumed nor
+    shared, and its trial folders would be orphaned."""
+    if url is None:
+        return
+    from sqlalchemy.engine import make_url  # optuna's own dependency
+    from sqlalchemy.exc import ArgumentError
+    try:
+        parsed = make_url(url)
+    except ArgumentError:
+        raise ConfigError(f"--storage {url!r}: not a database URL (e.g. sqlite:////path/study.db, "
+                          "postgresql://host/db)") from None
+    in_memory = parsed.database in (None, "", ":memory:") or parsed.query.get("mode") == "memory"
+    if parsed.get_backend_name() == "sqlite" and in_memory:
+        raise ConfigError(f"--storage {shown_url(url)!r}: an in-memory SQLite database ends with the process, so the study "
+                          "could be neither resumed nor shared; name a file (sqlite:////path/study.db) or drop "
+                          "--storage")
+
+
+def _check_data(job: TuneJob) -> dict[str, Any]:
+    """The training and validation splits under the select protocol, loaded as lists (no image decoded; the
+    test split's list is never opened): what identifies the study's data, and the class count. Their warnings
+    (one class only, a class never trained on) are left to each trial's run."""
+    from arcvit.data.layouts import detect_layout, load_split
+    data = job.data
+    layout = detect_layout(data.root, data.task) if data.layout == "auto" else data.layout
+    roles = dict(zip(("train", "val"), PROTOCOL_SPLITS[layout]["select"]))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DataWarning)
+        splits = {role: load_split(data.root, data.task, split, None, layout=layout, skip_corrupt=data.skip_corrupt,
+                                   allow_outside_root=data.allow_outside_root, open_test=False)
+                  for role, split in roles.items()}
+    return {"root": str(Path(data.root).resolve()), "layout": layout,
+            "fingerprints": {role: ds.fingerprint() for role, ds in splits.items()},
+            "num_classes": splits["train"].num_classes, "train_images": len(splits["train"])}
+
+
+def _check_model(job: TuneJob, corners: list[TrainConfig], num_classes: int) -> None:
+    """The backbone with its weights (``checkpoint`` or pretrained), built once as every trial builds it; then
+    the method on it at every rank a trial can get, on the meta device (no memory): a checkpoint that does not
+    load or a rank the model cannot take is refused before the study exists, not in a trial."""
+    import torch
+
+    from arcvit.backends import create_backbone
+    from arcvit.methods import prepare_model
+    create_backbone(job.backbone, num_classes=num_classes, checkpoint=job.checkpoint, pretrained=job.pretrained)
+    for cfg in {(c.rank, c.arc_impl): c for c in corners}.values():
+        with torch.device("meta"):
+            model = create_backbone(job.backbone, num_classes=num_classes, pretrained=False)
+            prepare_model(model, cfg.method, rank=cfg.rank, dropout=cfg.adapter_dropout, impl=cfg.arc_impl)
+
+
+def shown_url(url: str) -> str:
+    """A storage URL as messages print it: with its password hidden."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except ArgumentError:
+        return url
+
+
+def _engine_options(url: str) -> dict[str, Any]:
+    """A PostgreSQL server that does not answer (an unroutable host) fails after 10 s instead of the system's
+    TCP time-out, unless the URL sets its own ``connect_timeout``."""
+    from sqlalchemy.engine import make_url
+    parsed = make_url(url)
+    if parsed.get_backend_name() == "postgresql" and "connect_timeout" not in parsed.query:
+        return {"connect_args": {"connect_timeout": CONNECT_TIMEOUT_S}}
+    return {}
 
 
 def _storage_url(job: TuneJob, resume: bool) -> str:
@@ -117,8 +233,6 @@ def _storage_url(job: TuneJob, resume: bool) -> str:
     if not resume and (db.exists() or (job.study_dir / "trials").exists()):
         raise ConfigError(f"{job.study_dir}: holds a study already; pass --resume to continue it, "
                           "or choose another --out")
-    if job.study_dir.exists() and not job.study_dir.is_dir():
-        raise ConfigError(f"{job.study_dir}: exists and is not a folder; --out names the study folder")
     return f"sqlite:///{db.resolve()}"
 
 
@@ -131,22 +245,57 @@ def _open_storage(optuna: Any, url: str, create_dir: Path | None) -> Any:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             return optuna.storages.RDBStorage(
-                url, heartbeat_interval=60, grace_period=180,
+                url, engine_kwargs=_engine_options(url), heartbeat_interval=60, grace_period=180,
                 heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=1))
     except (SQLAlchemyError, ImportError, ValueError, OSError) as e:  # bad URL, no driver, cannot connect
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ConfigError(f"storage {url!r} cannot be opened ({first})") from None
+        raise ConfigError(f"storage {shown_url(url)!r} cannot be opened ({first})") from None
 
 
-def _retry_interrupted(study: Any) -> None:
-    """A local study resumed: its RUNNING trials died with the killed search. Fail them, and queue the
-    settings of one that had started training again: the retry continues its run folder from its last
-    checkpoint."""
+def _retry_interrupted(job: TuneJob, study: Any) -> None:
+    """A local study resumed: its RUNNING trials whose run folder is in this study folder died with the killed
+    search (this process holds the folder's lock, so no live process trains there). Fail them and queue their
+    settings again: the retry continues the run folder from its last checkpoint. A RUNNING trial of a process
+    that joined through --storage (its run folder elsewhere) may be alive: its heartbeat decides."""
     from optuna.trial import TrialState
+    here = (job.study_dir / "trials").resolve()
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        study.tell(t.number, state=TrialState.FAIL)
-        if "run_dir" in t.user_attrs:  # set once every setting was drawn
+        if "run_dir" in t.user_attrs and Path(t.user_attrs["run_dir"]).resolve().parent == here:
+            study.tell(t.number, state=TrialState.FAIL)
             study.enqueue_trial(t.params, user_attrs={"retry_of": t.number}, skip_if_exists=False)
+
+
+def _leaves(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}}`` as ``{"a.b": 1}``: the dotted name of every value a study identity holds."""
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, Mapping) and value:
+            flat |= _leaves(value, f"{prefix}{key}.")
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def _differences(stored: Mapping[str, Any], identity: Mapping[str, Any]) -> str:
+    """What differs between a study's recorded identity and this job's, one ``name before -> now`` each."""
+    before, now = _leaves(stored), _leaves(identity)
+    return "; ".join(f"{k} {before.get(k)!r} -> {now.get(k)!r}" for k in {**before, **now}
+                     if before.get(k) != now.get(k))
+
+
+def _require_study(storage: Any, name: str, identity: Mapping[str, Any], url: str) -> None:
+    """--resume continues a study that exists; asked under another name (another task or method), the one
+    study a folder holds says what differs."""
+    studies = storage.get_all_studies()
+    if any(s.study_name == name for s in studies):
+        return
+    if len(studies) == 1:
+        held = studies[0]
+        diffs = _differences(held.user_attrs.get("arcvit") or {}, identity) or f"--study-name {held.study_name}"
+        raise ConfigError(f"{url}: holds study {held.study_name!r}, not {name!r}: --resume goes on with what it "
+                          f"was started with ({diffs})")
+    held = ", ".join(repr(s.study_name) for s in studies) or "none"
+    raise ConfigError(f"{url}: no study {name!r} to resume (it holds: {held}); drop --resume to start one")
 
 
 def open_study(job: TuneJob, resume: bool = False) -> Any:
@@ -155,25 +304,36 @@ def open_study(job: TuneJob, resume: bool = False) -> Any:
     url = _storage_url(job, resume)
     storage = _open_storage(optuna, url, None if job.storage else job.study_dir)
     name = job.study_name or f"{job.task}.{job.method}"
+    identity = job.identity()
+    if resume:
+        _require_study(storage, name, identity, shown_url(url))
     study = optuna.create_study(storage=storage, study_name=name, direction="maximize", load_if_exists=True,
                                 pruner=optuna.pruners.MedianPruner(n_startup_trials=PRUNER_STARTUP_TRIALS))
-    identity, stored = job.identity(), study.user_attrs.get("arcvit")
+    stored = study.user_attrs.get("arcvit")
     if stored is None:
         study.set_user_attr("arcvit", identity)
     elif stored != identity:
-        diffs = [f"{k} {stored.get(k)!r} -> {v!r}" for k, v in identity.items() if stored.get(k) != v]
-        raise ConfigError(f"study {name!r} in {url} was started with other settings ({'; '.join(diffs)})")
+        raise ConfigError(f"study {name!r} in {shown_url(url)} was started with other settings "
+                          f"({_differences(stored, identity)})")
     if resume and not job.storage:
-        _retry_interrupted(study)
-    seed = job.settings().seed + len(study.trials)  # a resumed search does not replay the sampler's draws
-    study.sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=sampler_startup_trials(job.trials))
+        _retry_interrupted(job, study)
     return study
+
+
+def draw_settings(job: TuneJob, trial: Any) -> dict[str, Any]:
+    """The trial's settings, drawn by TPE seeded with the run seed plus the trial's number: numbers are unique
+    across every process sharing the study, so workers that start together draw different settings, and a
+    resumed search draws what an uninterrupted one would have drawn."""
+    optuna = _optuna()
+    trial.study.sampler = optuna.samplers.TPESampler(seed=job.settings().seed + trial.number,
+                                                     n_startup_trials=sampler_startup_trials(job.trials))
+    return {name: r.suggest(trial) for name, r in job.space.ranges.items()}
 
 
 def _objective(job: TuneJob, run: Any, trial: Any) -> float:
     """One trial: train in its own folder on train800, score validation top-1, prune on its epochs."""
     optuna = _optuna()
-    params = {name: r.suggest(trial) for name, r in job.space.ranges.items()}
+    params = draw_settings(job, trial)
     retry_of = trial.user_attrs.get("retry_of")  # a killed trial's settings, queued again: continue its run
     folder = job.study_dir / "trials" / f"{trial.number if retry_of is None else retry_of:04d}"
     trial.set_user_attr("run_dir", str(folder))
@@ -185,7 +345,7 @@ def _objective(job: TuneJob, run: Any, trial: Any) -> float:
     try:
         results = run(job.data, job.settings(params), folder, resume=retry_of is not None, on_epoch_end=report,
                       evaluate_test=False)
-    except TrainingDiverged as e:  # a setting that diverges (too large a step) is a poor one, not a broken search
+    except (TrainingDiverged, NonFiniteOutput) as e:  # a setting that diverges is a poor one, not a broken search
         trial.set_user_attr("note", str(e))
         raise optuna.TrialPruned(str(e)) from None
     trial.set_user_attr("selected_epoch", results["selected_epoch"])
@@ -208,7 +368,7 @@ def best_settings(job: TuneJob, study: Any) -> tuple[Any, dict[str, Any]]:
 def write_outputs(job: TuneJob, study: Any, plots: bool = False) -> dict[str, str]:
     """trials.csv, best.toml (once a trial has finished) and, with ``plots``, the two figures."""
     out = job.study_dir
-    written = {"trials_csv": str(write_trials_csv(study.trials, out / "trials.csv"))}
+    written = {"trials_csv": str(write_trials_csv(study.trials, out / "trials.csv", job.space.ranges))}
     try:
         best, settings = best_settings(job, study)
     except ConfigError:
@@ -217,6 +377,10 @@ def write_outputs(job: TuneJob, study: Any, plots: bool = False) -> dict[str, st
               f"(trial {best.number}, val top-1 {best.value:.4f}),\nsearched on validation only. "
               f"Use: arcvit train --config best.toml --task {job.task} --method {job.method} ...")
     searched = {k: settings[k] for k in job.space.ranges}
+    edges = edges_text(at_edges(job.space.ranges, searched))
+    if edges:
+        header += (f"\nAT THE EDGE of its search range (within 5 %): {edges}; the best value may lie beyond it: "
+                   "widen the range and tune again.")
     write_text(out / "best.toml", recipe_toml(job.task, job.method, settings, searched, header))
     written["best_toml"] = str(out / "best.toml")
     if plots:
@@ -247,6 +411,30 @@ def tune(job: TuneJob, *, resume: bool = False, final: bool = False, progress: b
          max_steps_per_epoch: int | None = None) -> dict[str, Any]:
     """Run the search until the study holds ``job.trials`` finished (complete or pruned) trials, write its
     outputs, and with ``final`` run the final protocol once. Returns a summary."""
+    with run_lock(job.study_dir, BUSY), optuna_errors(job):
+        return _search(job, resume, final, progress, max_steps_per_epoch)
+
+
+@contextlib.contextmanager
+def optuna_errors(job: TuneJob) -> Iterator[None]:
+    """An exception raised inside Optuna or SQLAlchemy (a storage that fails, a trial another process
+    changed) as one line naming the study; errors from the trials' own code pass through unchanged."""
+    try:
+        yield
+    except Exception as e:
+        tb = e.__traceback__
+        while tb is not None and tb.tb_next is not None:
+            tb = tb.tb_next
+        where = tb.tb_frame.f_globals.get("__name__", "") if tb is not None else ""
+        if where.split(".")[0] not in ("optuna", "sqlalchemy"):
+            raise
+        first = next(iter(str(e).strip().splitlines()), "")
+        study = shown_url(job.storage) if job.storage else job.study_dir / STUDY_FILE
+        raise ConfigError(f"study storage {study}: {type(e).__name__}: {first}") from None
+
+
+def _search(job: TuneJob, resume: bool, final: bool, progress: bool,
+            max_steps_per_epoch: int | None) -> dict[str, Any]:
     optuna = _optuna()
     study = open_study(job, resume)
     run = partial(train, job.backbone, checkpoint=job.checkpoint, pretrained=job.pretrained, progress=progress,
@@ -262,7 +450,8 @@ def tune(job: TuneJob, *, resume: bool = False, final: bool = False, progress: b
     outputs = write_outputs(job, study, plots=True)
     best, settings = best_settings(job, study)
     summary = {"study": study.study_name, "trials": len(study.trials), "finished": _finished(study),
-               "best_trial": best.number, "best_val_top1": best.value, "best_settings": settings, "outputs": outputs}
+               "best_trial": best.number, "best_val_top1": best.value, "best_settings": settings,
+               "at_edge": at_edges(job.space.ranges, settings), "outputs": outputs}
     if final:
         summary["final"] = run_final(job, study, run)
     return summary

@@ -12,9 +12,10 @@ from pathlib import Path
 from typing import Any
 
 from arcvit.fileio import atomic_path, write_text
+from arcvit.training.search_space import Range, at_edges, edges_text
 
 TRIAL_FIELDS = ("number", "state", "val_top1", "selected_epoch", "trainable_params", "duration_s", "run_dir",
-                "note")
+                "note", "at_edge")
 
 
 def _duration(trial: Any) -> float | None:
@@ -23,8 +24,9 @@ def _duration(trial: Any) -> float | None:
     return round((trial.datetime_complete - trial.datetime_start).total_seconds(), 1)
 
 
-def write_trials_csv(trials: list[Any], path: Path) -> Path:
-    """One row per trial (``trials``: optuna FrozenTrials): its state, validation top-1 and settings."""
+def write_trials_csv(trials: list[Any], path: Path, ranges: Mapping[str, Range] | None = None) -> Path:
+    """One row per trial (``trials``: optuna FrozenTrials): its state, validation top-1 and settings;
+    ``at_edge`` names the settings drawn at an edge of their ``ranges`` (``Range.edge``)."""
     params = list(dict.fromkeys(name for t in trials for name in t.params))
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=[*TRIAL_FIELDS, *params])
@@ -33,7 +35,8 @@ def write_trials_csv(trials: list[Any], path: Path) -> Path:
         writer.writerow({"number": t.number, "state": t.state.name, "val_top1": t.value,
                          "selected_epoch": t.user_attrs.get("selected_epoch"),
                          "trainable_params": t.user_attrs.get("trainable_params"), "duration_s": _duration(t),
-                         "run_dir": t.user_attrs.get("run_dir"), "note": t.user_attrs.get("note"), **t.params})
+                         "run_dir": t.user_attrs.get("run_dir"), "note": t.user_attrs.get("note"),
+                         "at_edge": edges_text(at_edges(ranges or {}, t.params)), **t.params})
     write_text(path, buf.getvalue())
     return path
 

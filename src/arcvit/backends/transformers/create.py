@@ -11,11 +11,14 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import transformers
+from huggingface_hub.errors import StrictDataclassError
+from safetensors import SafetensorError
 from torch import nn
 from transformers import AutoConfig, AutoImageProcessor, AutoModel
 from transformers.utils import logging as hf_logging
 
+from arcvit.backends.transformers.checks import (PROCESSOR, check_config_files, check_preprocessing,
+                                                 check_weight_files, file_name, model_class)
 from arcvit.backends.transformers.heads import TransformersClassifier, default_pool, default_preprocessing
 from arcvit.errors import ModelError
 
@@ -41,13 +44,29 @@ def _fail(source: str, what: str, error: Exception) -> ModelError:
 
 
 def preprocessing(source: str, model: nn.Module) -> dict[str, Any]:
-    """timm-style input size, interpolation, mean/std and crop from the model's image processor config."""
+    """timm-style input size, interpolation, mean/std and crop from the model's image processor config,
+    checked to fit the model (``checks.check_preprocessing``)."""
     try:
         processor = AutoImageProcessor.from_pretrained(source)
-    except (OSError, ValueError, KeyError) as e:
-        if (Path(source) / "preprocessor_config.json").is_file() or not Path(source).is_dir():
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, StrictDataclassError) as e:
+        if (Path(source) / PROCESSOR).is_file() or not Path(source).is_dir():
             raise _fail(source, "image processor", e) from None
         return default_preprocessing(model)  # a folder without one: the config's image size, HF's defaults
+    try:
+        cfg = _timm_preprocessing(processor)
+    except (TypeError, ValueError, AttributeError) as e:
+        raise ModelError(f"{file_name(source, PROCESSOR)}: field size/crop_size: not a usable image size "
+                         f"({type(e).__name__}: {str(e)[:120]})") from None
+    resample = getattr(processor, "resample", 2)
+    if not isinstance(resample, int) or isinstance(resample, bool) or int(resample) not in RESAMPLE:
+        raise ModelError(f"{file_name(source, PROCESSOR)}: field resample: {resample!r} is not a PIL "
+                         f"resampling code ({', '.join(f'{k} {v}' for k, v in RESAMPLE.items())})")
+    cfg["interpolation"] = RESAMPLE[int(resample)]
+    check_preprocessing(cfg, model, source)
+    return cfg
+
+
+def _timm_preprocessing(processor: Any) -> dict[str, Any]:
     size = processor.size
     crop = getattr(processor, "crop_size", None) if getattr(processor, "do_center_crop", False) else None
     if crop is not None and crop.height:
@@ -58,17 +77,9 @@ def preprocessing(source: str, model: nn.Module) -> dict[str, Any]:
         out = {"input_size": (3, size.shortest_edge, size.shortest_edge), "crop_pct": 1.0, "crop_mode": "center"}
     else:  # a fixed height x width resize, no crop: timm's "squash"
         out = {"input_size": (3, size.height, size.width), "crop_pct": 1.0, "crop_mode": "squash"}
-    resample = int(getattr(processor, "resample", 2))
-    return {**out, "interpolation": RESAMPLE.get(resample, "bilinear"),
-            "mean": tuple(processor.image_mean), "std": tuple(processor.image_std)}
-
-
-def _model_class(config) -> type:
-    for name in config.architectures or []:
-        cls = getattr(transformers, name, None)
-        if isinstance(cls, type) and issubclass(cls, nn.Module):
-            return cls
-    return AutoModel
+    mean, std = processor.image_mean, processor.image_std
+    return {**out, "mean": tuple(mean) if isinstance(mean, (list, tuple)) else mean,
+            "std": tuple(std) if isinstance(std, (list, tuple)) else std}
 
 
 def create_backbone(name: str, num_classes: int, checkpoint: str | Path | None = None, pretrained: bool = True,
@@ -98,24 +109,31 @@ def _offline_if_unreachable(source: str) -> Iterator[None]:
 
 def _create(source: str, num_classes: int, checkpoint: str | Path | None, pretrained: bool,
             drop_path_rate: float) -> TransformersClassifier:
+    folder = Path(source) if Path(source).is_dir() else None
+    if folder is not None:
+        check_config_files(folder)
     try:
         config = AutoConfig.from_pretrained(source)
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, KeyError, TypeError, StrictDataclassError) as e:
         raise _fail(source, "config", e) from None
     if drop_path_rate:
         if not hasattr(config, "drop_path_rate"):
             raise ModelError(f"{source}: {type(config).__name__} has no drop_path_rate; train with drop_path 0")
         config.drop_path_rate = drop_path_rate
-    cls = _model_class(config)
+    cls = model_class(config, source) or AutoModel
+    load = pretrained and checkpoint is None
+    if load and folder is not None:
+        check_weight_files(folder)
     try:
         with _quiet():
-            if pretrained and checkpoint is None:
-                model, info = cls.from_pretrained(source, config=config, output_loading_info=True)
+            if load:  # safetensors only: a pickled .bin is never read
+                model, info = cls.from_pretrained(source, config=config, output_loading_info=True,
+                                                  use_safetensors=True)
                 _drop_unloaded_pooler(model, source, list(info["missing_keys"]))
             else:
                 model = cls._from_config(config) if cls is not AutoModel else AutoModel.from_config(config)
-    except (OSError, ValueError, RuntimeError) as e:
-        raise _fail(source, "weights", e) from None
+    except (OSError, ValueError, RuntimeError, TypeError, SafetensorError) as e:
+        raise _fail(source, "weights" if load else "model", e) from None
     # a local folder is named by its folder name, so that an adapter does not depend on where it is read from
     label = Path(source).resolve().name if Path(source).is_dir() else source
     classifier = TransformersClassifier(model, num_classes, preprocessing=preprocessing(source, model),

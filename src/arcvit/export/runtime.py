@@ -1,0 +1,36 @@
+"""The export package's edge: onnx, onnxscript and onnxruntime are imported here only, when first needed, so
+that every other command (and ``arcvit --help``) runs without the ``export`` extra."""
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+
+from arcvit.errors import ConfigError
+
+INSTALL = "pip install 'arcvit[export]'"
+EXPORT_MODULES = ("onnx", "onnxscript", "onnxruntime")  # torch.onnx's exporter needs onnxscript
+
+
+def need(*modules: str) -> list[ModuleType]:
+    """The named modules, or one line naming the missing one and the extra that installs it."""
+    found = []
+    for name in modules:
+        try:
+            found.append(importlib.import_module(name))
+        except ImportError:
+            raise ConfigError(f"ONNX support needs the {name} package: {INSTALL}") from None
+    return found
+
+
+def onnxruntime() -> ModuleType:
+    return need("onnxruntime")[0]
+
+
+def inference_session(model: bytes | str, threads: int = 0):
+    """An ONNX Runtime CPU session on a serialized model or a file; ``threads`` 0: ONNX Runtime's default."""
+    ort = onnxruntime()
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1 if threads else 0
+    options.log_severity_level = 3  # warnings about unused initializers etc. are not the user's concern
+    return ort.InferenceSession(model, sess_options=options, providers=["CPUExecutionProvider"])
