@@ -37,6 +37,7 @@ from arcvit.export.graphs import SingleTask, many_tasks, task_entry  # noqa: E40
 from arcvit.export.metadata import describe  # noqa: E402
 from arcvit.export.quantize import int8_path, quantize_file  # noqa: E402
 from arcvit.export.runtime import inference_session  # noqa: E402
+from arcvit.export.runtime import OPSETS  # noqa: E402
 from arcvit.export.writer import Job, export_onnx  # noqa: E402
 from arcvit.fileio import write_json, write_text  # noqa: E402
 from arcvit.serving import MultiTask  # noqa: E402
@@ -60,20 +61,20 @@ def _batches(x: torch.Tensor, many: bool) -> list[dict[str, torch.Tensor]]:
             {"pixel_values": x, **({"task_ids": ids} if many else {})}]
 
 
-def export_both(model_name: str, root: Path) -> tuple[dict[str, Any], torch.nn.Module, MultiTask]:
-    """Both files of ``model_name`` under ``root``; the eager models they came from."""
+def export_both(model_name: str, root: Path, opset: int) -> tuple[dict[str, Any], torch.nn.Module, MultiTask]:
+    """Both files of ``model_name`` under ``root`` (ONNX ``opset``); the eager models they came from."""
     names = write_tasks(model_name, root / "tasks", TASKS, RANK)
     meta = json.loads((root / "tasks" / SINGLE / "adapter_config.json").read_text())
     adapted = arcvit.load_adapter(backbone(model_name, meta["num_classes"]), root / "tasks" / SINGLE).eval()
     merged = arcvit.merge(adapted).eval()
     x = images(merged, 8)
     files = {"merged": _write(Job(SingleTask(merged).eval(), describe("merged", merged, {}, [task_entry(SINGLE, meta)],
-                                                                       {}), _batches(x, False), "generated"),
-                              root / "merged.onnx")}
+                                                                       {}), _batches(x, False), "generated",
+                                  opset), root / "merged.onnx")}
     graph, tasks = many_tasks(backbone(model_name), {n: root / "tasks" / n for n in names})
     x = images(merged, TASKS)
     files["many"] = _write(Job(graph, describe("many-task", graph.backbone, {}, tasks, {}), _batches(x, True),
-                               "generated"), root / "many.onnx")
+                               "generated", opset), root / "many.onnx")
     multi = MultiTask(backbone(model_name))
     for name in names:
         multi.add(name, root / "tasks" / name)
@@ -106,7 +107,7 @@ def bench(model_name: str, args: argparse.Namespace) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         start = time.perf_counter()
-        files, merged, multi = export_both(model_name, root)
+        files, merged, multi = export_both(model_name, root, args.opset)
         exported_s = time.perf_counter() - start
         latency = {}
         for batch in BATCHES:
@@ -161,6 +162,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--rounds", type=int, default=5, help="at least this many interleaved rounds")
     p.add_argument("--budget-s", type=float, default=20.0, help="more rounds while a batch size took less")
+    p.add_argument("--opset", type=int, choices=OPSETS, default=OPSETS[0], help="ONNX opset of the exported files")
     p.add_argument("--out", help="write the JSON report here (and the Markdown beside it)")
     return p.parse_args(argv)
 

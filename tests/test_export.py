@@ -100,6 +100,22 @@ def test_merged_file_equals_the_adapted_model_and_describes_itself(adapters, exp
     assert all(b["max_abs_diff"] <= REL * b["max_abs_logit"] and b["argmax_equal"] for b in check["batches"])
 
 
+def test_opset_23_uses_onnx_attention_and_still_matches(adapters, exported, tmp_path):
+    """--opset 23: one Attention node per block instead of the decomposed matmuls and softmax, same logits; the
+    default stays at opset 18, which more runtimes read."""
+    import onnx
+    out = tmp_path / "digits23.onnx"
+    assert main(["export", "--adapter", str(adapters / "digits"), "--backbone", BACKBONE, "--opset", "23",
+                 "--out", str(out)]) == 0
+    opsets = {p.domain: p.version for p in onnx.load(str(out)).opset_import}
+    default = {p.domain: p.version for p in onnx.load(str(exported["merged"])).opset_import}
+    assert opsets[""] == 23 and default[""] == 18
+    assert sum(n.op_type == "Attention" for n in onnx.load(str(out)).graph.node) == len(pico().blocks)
+    images, _ = mixed_batch(5, 1)
+    with torch.no_grad():
+        assert_matches(OnnxModel(exported["merged"]).logits(images), OnnxModel(out).logits(images))
+
+
 def test_many_task_graph_equals_multitask_on_a_mixed_batch(adapters, exported):
     """3 tasks: 10, 4 and 7 classes, ranks 8, 4, 6, arc_att beside arc; each row is its task's logits, -inf after."""
     multi = MultiTask(pico())

@@ -416,3 +416,23 @@ def test_messages_hide_a_storage_password_and_postgres_gets_a_connect_timeout():
     assert _engine_options("postgresql://arc:s3cret@db/studies") == {"connect_args": {"connect_timeout": 10}}
     assert _engine_options("postgresql://db/studies?connect_timeout=3") == {}
     assert _engine_options("sqlite:////tmp/x.db") == {}
+
+
+def test_a_worker_that_loses_the_race_to_create_the_tables_opens_the_storage(tmp_path, monkeypatch):
+    """Two workers starting on a new PostgreSQL database both create Optuna's tables; the loser's transaction
+    fails on a unique constraint (seen with a real server) and it opens the storage again instead of failing."""
+    import optuna
+    from sqlalchemy.exc import IntegrityError
+
+    from arcvit.training.tune import _open_storage
+    real, calls = optuna.storages.RDBStorage, []
+
+    def racing(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise IntegrityError("CREATE TABLE studies", {}, Exception("duplicate key value violates unique "
+                                                                       "constraint \"pg_type_typname_nsp_index\""))
+        return real(*args, **kwargs)
+    monkeypatch.setattr(optuna.storages, "RDBStorage", racing)
+    storage = _open_storage(optuna, f"sqlite:///{tmp_path / 's.db'}", None)
+    assert len(calls) == 2 and storage.get_all_studies() == []

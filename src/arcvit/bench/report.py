@@ -281,6 +281,13 @@ def _budget_line(plan: Mapping[str, Any]) -> list[str]:
             f"never opened while tuning (search space: {tuning['search_space']})"]
 
 
+def _edges_cell(edges: Mapping[str, str] | None) -> str:
+    """The settings at an edge of their range, in bold; studies from before arcvit recorded it say so."""
+    if edges is None:
+        return "not recorded"
+    return f"**{edges_text(edges)}**" if edges else "–"
+
+
 def _tuned_settings(plan: Mapping[str, Any]) -> list[str]:
     """The settings tuning chose, per task and method, with the validation top-1 they were chosen on."""
     tuned = (plan.get("tuning") or {}).get("tuned") or {}
@@ -289,8 +296,7 @@ def _tuned_settings(plan: Mapping[str, Any]) -> list[str]:
         for method, record in methods.items():
             shown = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
                               for k, v in record["settings"].items())
-            edges = edges_text(record.get("at_edge", {}))
-            rows.append([task, method, shown or "–", f"**{edges}**" if edges else "–",
+            rows.append([task, method, shown or "–", _edges_cell(record.get("at_edge")),
                          f"{100 * record['val_top1']:.1f}", str(record["trials"])])
     if not rows:
         return []

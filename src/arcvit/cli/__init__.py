@@ -152,12 +152,30 @@ def _check_merge_out(out: Path, args: argparse.Namespace) -> None:
         raise ConfigError(f"{out}: is a folder; --out names the merged .safetensors file to write")
     if not out.exists():
         return
-    inputs = [*Path(args.adapter).glob("*"), *([Path(args.checkpoint)] if args.checkpoint else [])]
+    from arcvit.training.runmodel import run_inputs
+    reads = run_inputs(args.run) if args.run else Path(args.adapter).glob("*")
+    inputs = [*reads, *([Path(args.checkpoint)] if args.checkpoint else [])]
     if any(p.exists() and os.path.samefile(out, p) for p in inputs):
-        raise ConfigError(f"{out}: is a file merge reads (in --adapter, or --checkpoint); it is never "
-                          "overwritten, even with --force: choose another --out")
+        raise ConfigError(f"{out}: is a file merge reads (in {'--run' if args.run else '--adapter'}, or "
+                          "--checkpoint); it is never overwritten, even with --force: choose another --out")
     if not args.force:
         raise ConfigError(f"{out}: exists; pass --force to overwrite it")
+
+
+def _run_model(args: argparse.Namespace):
+    """``--run``: the run's trained model and method, and what the merged file records; the backbone and how it
+    was made come from the run's settings.json, so a flag that says otherwise is refused."""
+    from arcvit.training.runmodel import load_run, read_run_settings
+    settings, _ = read_run_settings(args.run)
+    if args.backbone not in (DEFAULT_BACKBONE, settings["backbone"]):
+        raise ConfigError(f"--backbone {args.backbone}: {args.run} was trained on {settings['backbone']}; "
+                          "drop --backbone")
+    if args.random_init and settings.get("pretrained", True):
+        raise ConfigError(f"--random-init: {args.run} was trained from pretrained weights; drop --random-init")
+    if args.inplace:
+        raise ConfigError("--inplace: only with --adapter (a run's model is merged into a copy)")
+    model, method, info = load_run(args.run, args.checkpoint)
+    return model, method, info | {"source_adapter": str(args.run)}
 
 
 def cmd_merge(args: argparse.Namespace) -> None:
@@ -165,11 +183,19 @@ def cmd_merge(args: argparse.Namespace) -> None:
 
     import arcvit
     from arcvit.core.merged_file import write_merged
+    from arcvit.methods import merge_for_inference
     from arcvit.training.finite import require_finite
     _check_merge_out(Path(args.out), args)
-    model, meta = _adapted_model(args)
-    model.eval()
-    merged = arcvit.merge(model, inplace=args.inplace)
+    if args.run:
+        model, method, info = _run_model(args)
+        merged = merge_for_inference(model, method).eval()
+    else:
+        model, meta = _adapted_model(args)
+        model.eval()
+        merged = arcvit.merge(model, inplace=args.inplace)
+        info = {"backbone": args.backbone, "num_classes": meta["num_classes"],
+                "class_names": meta.get("extra", {}).get("class_names"), "task": meta.get("extra", {}).get("task"),
+                "source_adapter": str(args.adapter)}
     size = merged.pretrained_cfg.get("input_size", (3, 224, 224))
     x = torch.randn(4, *size, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
@@ -177,9 +203,6 @@ def cmd_merge(args: argparse.Namespace) -> None:
     for which, logits in probe.items():  # else the file is written and the check prints NaN (invalid JSON)
         require_finite(logits, f"{args.out}: not written: the {which} model on a random probe batch")
     diff = (probe["merged"] - probe["adapted"]).abs().max().item() if not args.inplace else 0.0
-    info = {"backbone": args.backbone, "num_classes": meta["num_classes"],
-            "class_names": meta.get("extra", {}).get("class_names"), "task": meta.get("extra", {}).get("task"),
-            "source_adapter": str(args.adapter)}
     write_merged(args.out, merged.state_dict(), info)
     print(json.dumps({"out": args.out, "max_abs_logit_diff": diff, **info}))
 
@@ -240,7 +263,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     for name, func, text in (("eval", cmd_eval, "top-1 accuracy of an adapter (or merged checkpoint) on a split"),
                              ("predict", cmd_predict, "label images"),
-                             ("merge", cmd_merge, "fold an adapter into the backbone: a plain timm checkpoint")):
+                             ("merge", cmd_merge, "fold an adapter (or a run of any mergeable method) into the "
+                                                  "backbone: a plain timm checkpoint")):
         p = sub.add_parser(name, help=text)
         _add_backbone(p)
         source = p.add_mutually_exclusive_group(required=True)
@@ -261,6 +285,8 @@ def build_parser() -> argparse.ArgumentParser:
             source.add_argument("--onnx", help="ONNX file written by `arcvit export`, run by ONNX Runtime")
         if name == "merge":
             p.set_defaults(merged=None, allow_unverified=False)
+            source.add_argument("--run", help="run folder of any mergeable method, written by `arcvit train` "
+                                              "(its backbone, settings and trained weights)")
             p.add_argument("--out", required=True, help="output .safetensors")
             p.add_argument("--force", action="store_true", help="overwrite --out if it exists")
             p.add_argument("--inplace", action="store_true", help="merge without a second copy (large models)")

@@ -12,6 +12,7 @@ from typing import Any
 from arcvit.cli import _add_backbone, _add_data
 from arcvit.cli.bounds import CHECK_BATCH_SIZE
 from arcvit.errors import ConfigError
+from arcvit.export.runtime import OPSETS
 
 CHECK_BATCH = 8
 EVAL_BATCH = 32
@@ -32,6 +33,9 @@ def add_export_parser(sub: argparse._SubParsersAction) -> None:
                    help="accept a --merged file whose header has no checksum (older arcvit); its fields are still "
                         "checked")
     p.add_argument("--format", default="onnx", choices=["onnx"])
+    p.add_argument("--opset", default=str(OPSETS[0]), choices=[str(o) for o in OPSETS],
+                   help=f"ONNX opset (default {OPSETS[0]}, read by most runtimes; {OPSETS[-1]}: ONNX's Attention "
+                        "op, faster in ONNX Runtime >= 1.22, read by fewer runtimes)")
     p.add_argument("--out", required=True, help="the .onnx file to write")
     p.add_argument("--force", action="store_true", help="overwrite --out (and its .int8 sibling) if it exists")
     p.add_argument("--quantize", choices=["int8"], help="also write OUT.int8.onnx (ONNX Runtime dynamic "
@@ -199,7 +203,7 @@ def cmd_export(args: argparse.Namespace) -> None:
                                   f"{task['num_classes']}: the data is another task's")
     batches, where = _check_batches(args, model, tasks, many, datasets)
     evaluation = _evaluation(datasets, [t["name"] for t in tasks], args.split, many) if args.quantize else None
-    summary = export_onnx(Job(graph, document, batches, where), Path(args.out), evaluation)
+    summary = export_onnx(Job(graph, document, batches, where, int(args.opset)), Path(args.out), evaluation)
     print(json.dumps({**summary, "kind": document["kind"], "tasks": [t["name"] for t in tasks]}))
 
 

@@ -9,6 +9,9 @@ from arcvit.errors import ConfigError
 
 INSTALL = "pip install 'arcvit[export]'"
 EXPORT_MODULES = ("onnx", "onnxscript", "onnxruntime")  # torch.onnx's exporter needs onnxscript
+# 18: read by most runtimes; 23: ONNX's own Attention op (one node instead of ~8 per block: faster in ONNX
+# Runtime, which reads it from 1.22 on; fewer other runtimes do yet)
+OPSETS = (18, 23)
 
 
 def need(*modules: str) -> list[ModuleType]:

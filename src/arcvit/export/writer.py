@@ -19,7 +19,7 @@ from arcvit.errors import ConfigError, ModelError
 from arcvit.export import metadata
 from arcvit.export.check import check, describe_failure
 from arcvit.export.quantize import Batches, int8_path, quantize_file, top1_change
-from arcvit.export.runtime import EXPORT_MODULES, inference_session, need
+from arcvit.export.runtime import EXPORT_MODULES, OPSETS, inference_session, need
 from arcvit.fileio import atomic_path
 
 MAX_BYTES = 2 * 2**30  # protobuf's limit for one serialized model
@@ -34,6 +34,7 @@ class Job:
     document: dict[str, Any]
     batches: list[dict[str, torch.Tensor]]
     images: str  # where the check's images came from
+    opset: int = OPSETS[0]
 
 
 @dataclass
@@ -44,8 +45,8 @@ class Evaluation:
     tasks: dict[str, Batches]
 
 
-def trace(graph: nn.Module, example: dict[str, torch.Tensor]):
-    """The graph as an onnx ModelProto, dynamic in the batch dimension of every input."""
+def trace(graph: nn.Module, example: dict[str, torch.Tensor], opset: int = OPSETS[0]):
+    """The graph as an onnx ModelProto of ONNX ``opset``, dynamic in the batch dimension of every input."""
     size = sum(t.numel() * t.element_size() for t in [*graph.parameters(), *graph.buffers()])
     if size >= MAX_BYTES:
         raise ModelError(f"{size / 2**30:.1f} GiB of weights: an ONNX file holds at most 2 GiB without external "
@@ -57,7 +58,7 @@ def trace(graph: nn.Module, example: dict[str, torch.Tensor]):
         try:
             program = torch.onnx.export(graph, tuple(example.values()), None, input_names=list(example),
                                         output_names=["logits"], dynamic_shapes={k: {0: batch} for k in example},
-                                        dynamo=True, verbose=False)
+                                        dynamo=True, opset_version=opset, verbose=False)
         except Exception as e:  # the exporter fails in many ways; each is one line naming what it could not do
             detail = (str(e).strip().splitlines() or [""])[0][:300]
             raise ModelError(f"torch.onnx could not export this model ({type(e).__name__}: {detail})") from None
@@ -68,7 +69,7 @@ def export_onnx(job: Job, out: Path, evaluation: Evaluation | None = None) -> di
     """Write ``job`` to ``out`` once it passes its check (and ``out``'s int8 sibling when ``evaluation`` is
     given); returns what was written, with the check's and the quantisation's figures."""
     onnx = need(*EXPORT_MODULES)[0]
-    proto = trace(job.graph, job.batches[-1])
+    proto = trace(job.graph, job.batches[-1], job.opset)
     metadata.stamp(proto, job.document)
     report = check(job.graph, inference_session(proto.SerializeToString()), job.batches, job.images)
     if not report["passed"]:

@@ -45,8 +45,8 @@ from arcvit.data.layouts import detect_layout, load_split, warn_unseen_classes
 from arcvit.data.manifest import data_provenance
 from arcvit.data.transforms import build_transform
 from arcvit.errors import ConfigError, NonFiniteOutput, TrainingDiverged
-from arcvit.fileio import sha256_file, write_json, write_safetensors
-from arcvit.methods import SPECS, prepare_model, trainable_state_dict
+from arcvit.fileio import sha256_file, write_json
+from arcvit.methods import SPECS, prepare_model
 from arcvit.training.checkpoint import (LOOP, MODEL, OPTIMIZER, SCHEDULER, SafeCheckpointIO, fabric_load, fabric_save,
                                        load_latest_checkpoint)
 from arcvit.training.config import PROTOCOL_SPLITS, DataSpec, TrainConfig
@@ -54,6 +54,7 @@ from arcvit.training.devices import require_devices
 from arcvit.training.finite import nonfinite_error, nonfinite_items
 from arcvit.training.progress import EpochProgress
 from arcvit.training.runfolder import check_resumable, refuse_to_overwrite, run_lock, started_impl, write_metrics
+from arcvit.training.runmodel import save_trainable
 
 class _Shard(torch.utils.data.Sampler):
     """Every ``world``-th index from ``rank``, with no padding, so that distributed evaluation counts each
@@ -431,7 +432,7 @@ def _finish(run: _Run, state: LoopState, settings: dict[str, Any]) -> dict[str, 
             save_adapter(run.raw, run.out / "adapter", extra={"task": results["task"], "test_top1": test_top1,
                                                               "class_names": splits["train"].class_names})
         else:
-            write_safetensors(run.out / "trainable.safetensors", trainable_state_dict(run.raw))
+            save_trainable(run.raw, run.out, splits["train"].class_names)
         write_json(run.out / "results.json", results)
     fabric.barrier()
     return results

@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import sys
+import time
 import warnings
 from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass, replace
@@ -41,6 +42,7 @@ from arcvit.training.tune_outputs import recipe_toml, write_plots, write_trials_
 STUDY_FILE = "study.db"
 TUNE_SET_FIELDS = ("method", "protocol")  # tune sets these itself
 PRUNER_STARTUP_TRIALS = 3  # the median pruner stops nothing before this many trials have finished
+SCHEMA_RACE_TRIES = 4  # workers starting together on a new database race to create its tables: the losers retry
 CONNECT_TIMEOUT_S = 10  # a PostgreSQL study server that does not answer fails after this long
 BUSY = ("another arcvit tune process is working in this study folder; wait for it to end, or join its search "
         "from another --out through a shared --storage")
@@ -238,18 +240,24 @@ def _storage_url(job: TuneJob, resume: bool) -> str:
 
 def _open_storage(optuna: Any, url: str, create_dir: Path | None) -> Any:
     """Optuna's RDB storage with heartbeats, so that a trial whose process died is failed and retried."""
-    from sqlalchemy.exc import SQLAlchemyError  # optuna's own dependency
+    from sqlalchemy.exc import IntegrityError, ProgrammingError, SQLAlchemyError  # optuna's own dependency
     if create_dir is not None:
         create_dir.mkdir(parents=True, exist_ok=True)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            return optuna.storages.RDBStorage(
-                url, engine_kwargs=_engine_options(url), heartbeat_interval=60, grace_period=180,
-                heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=1))
-    except (SQLAlchemyError, ImportError, ValueError, OSError) as e:  # bad URL, no driver, cannot connect
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ConfigError(f"storage {shown_url(url)!r} cannot be opened ({first})") from None
+    for attempt in range(SCHEMA_RACE_TRIES):
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                return optuna.storages.RDBStorage(
+                    url, engine_kwargs=_engine_options(url), heartbeat_interval=60, grace_period=180,
+                    heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=1))
+        except (IntegrityError, ProgrammingError) as e:  # another worker created the same tables at this moment
+            error = e
+            time.sleep(0.2 * (attempt + 1))
+        except (SQLAlchemyError, ImportError, ValueError, OSError) as e:  # bad URL, no driver, cannot connect
+            error = e
+            break
+    first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    raise ConfigError(f"storage {shown_url(url)!r} cannot be opened ({first})") from None
 
 
 def _retry_interrupted(job: TuneJob, study: Any) -> None:
