@@ -380,3 +380,11 @@ def test_hub_bad_inputs(tmp_path, archive, serve, monkeypatch, capsys):
     code, _, err = run(hub_argv(tmp_path / "root", tmp_path / "cache"), capsys)
     assert code == 1 and len(err) == 1 and "truncated or not a zip" in err[0], err
     assert not (tmp_path / "f").exists() and not any((tmp_path / "root" / t).exists() for t in TASKS)
+
+
+@pytest.mark.parametrize("suite", [[], ["--suite", "vtab1k"]])
+def test_verify_of_a_root_that_does_not_exist_says_so(suite, tmp_path, capsys):
+    """With or without --suite: the missing folder is named, not the manifest it cannot hold."""
+    assert main(["data", "verify", str(tmp_path / "nowhere"), *suite]) == 1
+    err = capsys.readouterr().err
+    assert err == f"arcvit data: error: {tmp_path / 'nowhere'}: data root not found\n"

@@ -41,10 +41,10 @@ def cmd_prepare(args: argparse.Namespace) -> None:
 
 def _suite_of(root: str, suite: str | None) -> str:
     """``--suite``, or the one suite the root's manifest records."""
-    from arcvit.data.manifest import read_manifest
+    from arcvit.data.manifest import read_manifest, require_root
     if suite:
         return suite
-    recorded = {e.get("suite") for e in read_manifest(root)["tasks"].values()}
+    recorded = {e.get("suite") for e in read_manifest(require_root(root))["tasks"].values()}
     if len(recorded) == 1 and recorded <= set(SUITES):
         return recorded.pop()
     raise ConfigError(f"{root}: pass --suite ({' or '.join(SUITES)}); the root's manifest does not say")

@@ -60,6 +60,14 @@ def differences(task: str, recorded: dict, entry: dict) -> list[str]:
     return lines
 
 
+def require_root(root: str | Path) -> Path:
+    """``root`` as a Path, or one line saying it is not a folder."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"{root}: data root not found")
+    return root
+
+
 def verify_root(root: str | Path, suite: str, tasks: Sequence[str] | None = None, *, check_sizes: bool = True,
                 force: bool = False, progress: Callable[[str], None] | None = None) -> tuple[list[str], dict]:
     """Check every task of ``suite`` (or ``tasks``) under ``root``; returns (problems, the tasks' entries).
@@ -67,9 +75,7 @@ def verify_root(root: str | Path, suite: str, tasks: Sequence[str] | None = None
     A task that passes and is not in the manifest is added to it; one that is there must match it (with
     ``force``, its entry is replaced instead). The manifest is written only when no problem was found.
     """
-    root = Path(root)
-    if not root.is_dir():
-        raise DataError(f"{root}: data root not found")
+    root = require_root(root)
     layout = SUITE_LAYOUTS[suite]
     infos = [resolve_task(t, layout) for t in tasks] if tasks else None
     infos = infos or list((VTAB_TASKS if layout == "vtab" else FGVC_TASKS).values())
