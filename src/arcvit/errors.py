@@ -37,3 +37,10 @@ class NonFiniteOutput(ArcvitError):
 class DataWarning(UserWarning):
     """Data that is probably, not certainly, a mistake (a single-class split, a class never trained on,
     images dropped as unreadable): the run goes on, and the CLI prints it as one line on stderr."""
+
+
+def first_line(error: BaseException, limit: int | None = None) -> str:
+    """The first non-empty line of an exception's message (cut at ``limit`` characters), or "" when it has none:
+    what a one-line error quotes of a library's own, often multi-line, message."""
+    line = next((s.strip() for s in str(error).splitlines() if s.strip()), "")
+    return line if limit is None else line[:limit]

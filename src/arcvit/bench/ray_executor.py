@@ -24,7 +24,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from arcvit.bench.executors import Fit, Outcome, RunJob, run_job
-from arcvit.errors import ConfigError
+from arcvit.errors import ConfigError, first_line
 from arcvit.fileio import atomic_path
 
 CONNECT_TIMEOUT_S = 5.0  # an unreachable address fails in seconds, not after Ray's own minutes of retries
@@ -68,7 +68,7 @@ def connect(address: str | None) -> None:
     try:
         ray.init(address=address, include_dashboard=False)
     except (ConnectionError, ValueError, RuntimeError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        first = first_line(e) or type(e).__name__
         raise ConfigError(f"--ray {address!r}: cannot join that cluster ({first})") from None
 
 
@@ -196,7 +196,7 @@ class RayExecutor:
         except ray.exceptions.RayTaskError:
             raise
         except ray.exceptions.RayError as e:
-            first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            first = first_line(e)
             return Outcome(error=f"{type(e).__name__}: the run's worker was lost {self.max_retries + 1} time(s)"
                                  f" ({first})")
         _unpack(files, job.dir)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -37,14 +37,20 @@ def header_sha256(metadata: dict[str, str]) -> str:
     return hashlib.sha256(json.dumps(body, sort_keys=True, ensure_ascii=True).encode()).hexdigest()
 
 
+def nonfinite_tensor(tensors: Mapping[str, torch.Tensor]) -> str | None:
+    """The name of the first floating-point tensor holding NaN or inf, or None."""
+    return next((name for name, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())),
+                None)
+
+
 def write_merged(path: str | Path, state: dict[str, torch.Tensor], info: dict[str, Any]) -> None:
     """Write ``state`` with ``info`` (JSON) and its checksums; refuses non-finite weights and an invalid
     ``info`` (nothing written)."""
     check_info(path, info)
-    for name, tensor in state.items():
-        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-            raise ModelError(f"{path}: not written: merged weight {name} holds non-finite values (NaN/inf); "
-                             "the adapter or the backbone checkpoint is broken")
+    name = nonfinite_tensor(state)
+    if name is not None:
+        raise ModelError(f"{path}: not written: merged weight {name} holds non-finite values (NaN/inf); "
+                         "the adapter or the backbone checkpoint is broken")
     metadata = {META_KEY: json.dumps(info), TENSORS_SHA_KEY: tensors_sha256(state, state.__getitem__)}
     write_safetensors(path, state, metadata={**metadata, SHA_KEY: header_sha256(metadata)})
 

@@ -8,7 +8,7 @@ from typing import Any, Callable
 import torch
 
 from arcvit.data.transforms import build_transform
-from arcvit.errors import ConfigError, ModelError
+from arcvit.errors import ConfigError, ModelError, first_line
 from arcvit.export import metadata
 from arcvit.export.check import run
 from arcvit.export.runtime import inference_session, onnxruntime
@@ -22,7 +22,7 @@ def _open(path: Path, threads: int):
         return inference_session(str(path), threads)
     except (ort.capi.onnxruntime_pybind11_state.Fail, ort.capi.onnxruntime_pybind11_state.InvalidProtobuf,
             ort.capi.onnxruntime_pybind11_state.InvalidGraph) as e:
-        raise ModelError(f"{path}: not a readable ONNX model ({(str(e).splitlines() or [''])[0][:200]})") from None
+        raise ModelError(f"{path}: not a readable ONNX model ({first_line(e, 200)})") from None
 
 
 class OnnxModel:

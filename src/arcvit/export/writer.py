@@ -15,7 +15,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from arcvit.errors import ConfigError, ModelError
+from arcvit.errors import ConfigError, ModelError, first_line
 from arcvit.export import metadata
 from arcvit.export.check import check, describe_failure
 from arcvit.export.quantize import Batches, int8_path, quantize_file, top1_change
@@ -60,7 +60,7 @@ def trace(graph: nn.Module, example: dict[str, torch.Tensor], opset: int = OPSET
                                         output_names=["logits"], dynamic_shapes={k: {0: batch} for k in example},
                                         dynamo=True, opset_version=opset, verbose=False)
         except Exception as e:  # the exporter fails in many ways; each is one line naming what it could not do
-            detail = (str(e).strip().splitlines() or [""])[0][:300]
+            detail = first_line(e, 300)
             raise ModelError(f"torch.onnx could not export this model ({type(e).__name__}: {detail})") from None
     return program.model_proto
 

@@ -18,6 +18,7 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 import torch.nn as nn
 
+from arcvit.core.merged_file import nonfinite_tensor
 from arcvit.data.transforms import build_transform
 from arcvit.errors import AdapterFileError, ArcvitError
 from arcvit.serving.tasks import TaskInfo, UnknownTask, check_task_name, task_folder, task_folders
@@ -116,9 +117,9 @@ def per_task(tasks: list[str], run: Callable[[str, list[int]], torch.Tensor]) ->
 
 def check_finite(weights: Path, tensors: dict[str, torch.Tensor]) -> None:
     """Refuse a task whose adapter or head holds NaN or inf: every image of its batches would score NaN."""
-    for key, tensor in tensors.items():
-        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-            raise AdapterFileError(f"{weights}: tensor {key} holds non-finite values (NaN or inf)")
+    key = nonfinite_tensor(tensors)
+    if key is not None:
+        raise AdapterFileError(f"{weights}: tensor {key} holds non-finite values (NaN or inf)")
 
 
 def load_tasks(model: TaskModel, root: Path) -> list[str]:

@@ -44,7 +44,7 @@ from arcvit.core.sites import find_blocks
 from arcvit.data.layouts import detect_layout, load_split, warn_unseen_classes
 from arcvit.data.manifest import data_provenance
 from arcvit.data.transforms import build_transform
-from arcvit.errors import ConfigError, NonFiniteOutput, TrainingDiverged
+from arcvit.errors import ConfigError, NonFiniteOutput, TrainingDiverged, first_line
 from arcvit.fileio import sha256_file, write_json
 from arcvit.methods import SPECS, prepare_model
 from arcvit.training.checkpoint import (LOOP, MODEL, OPTIMIZER, SCHEDULER, SafeCheckpointIO, fabric_load, fabric_save,
@@ -255,7 +255,7 @@ def _make_fabric(cfg: TrainConfig, model: nn.Module, out: Path) -> Fabric:
                       strategy=_strategy(cfg, model), precision=cfg.precision, plugins=plugins,
                       loggers=_loggers(out))
     except (ValueError, TypeError) as e:  # Fabric validates accelerator, strategy, precision, devices
-        raise ConfigError(f"accelerator/strategy/precision/devices: {str(e).splitlines()[0]}") from None
+        raise ConfigError(f"accelerator/strategy/precision/devices: {first_line(e)}") from None
 
 
 def _compiled(model: nn.Module) -> nn.Module:

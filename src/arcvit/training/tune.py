@@ -30,7 +30,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from arcvit.errors import ConfigError, DataWarning, NonFiniteOutput, TrainingDiverged
+from arcvit.errors import ConfigError, DataWarning, NonFiniteOutput, TrainingDiverged, first_line
 from arcvit.fileio import write_json, write_text
 from arcvit.training.config import PROTOCOL_SPLITS, RUNTIME_FIELDS, DataSpec, TrainConfig
 from arcvit.training.devices import require_accelerator
@@ -256,7 +256,7 @@ def _open_storage(optuna: Any, url: str, create_dir: Path | None) -> Any:
         except (SQLAlchemyError, ImportError, ValueError, OSError) as e:  # bad URL, no driver, cannot connect
             error = e
             break
-    first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    first = first_line(error) or type(error).__name__
     raise ConfigError(f"storage {shown_url(url)!r} cannot be opened ({first})") from None
 
 
@@ -436,7 +436,7 @@ def optuna_errors(job: TuneJob) -> Iterator[None]:
         where = tb.tb_frame.f_globals.get("__name__", "") if tb is not None else ""
         if where.split(".")[0] not in ("optuna", "sqlalchemy"):
             raise
-        first = next(iter(str(e).strip().splitlines()), "")
+        first = first_line(e)
         study = shown_url(job.storage) if job.storage else job.study_dir / STUDY_FILE
         raise ConfigError(f"study storage {study}: {type(e).__name__}: {first}") from None
 

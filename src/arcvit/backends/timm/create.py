@@ -20,7 +20,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from arcvit.backends.timm.hub import hub_mode
-from arcvit.errors import ModelError
+from arcvit.errors import ModelError, first_line
 
 TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")
 
@@ -107,7 +107,7 @@ def create_backbone(name: str, num_classes: int, checkpoint: str | Path | None =
                              "(or HF_HUB_OFFLINE is set) and they are not in the local cache. Pass a local file "
                              "with --checkpoint (.npz/.safetensors/.pth), or use the shipped "
                              "vit_pico_patch7_28.fmnist_arcvit") from None
-        detail = (str(e).splitlines() or [""])[0][:200]
+        detail = first_line(e, 200)
         raise ModelError(f"cannot fetch pretrained weights for {name!r} ({type(e).__name__}: "
                          f"{detail}). Offline? Pass a local file with --checkpoint "
                          "(.npz/.safetensors/.pth), or use the shipped vit_pico_patch7_28.fmnist_arcvit") from None

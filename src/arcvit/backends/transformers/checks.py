@@ -22,7 +22,7 @@ from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from arcvit.core import headers
-from arcvit.errors import ModelError
+from arcvit.errors import ModelError, first_line
 
 CONFIG = "config.json"
 PROCESSOR = "preprocessor_config.json"
@@ -136,7 +136,7 @@ def check_preprocessing(cfg: dict[str, Any], model: nn.Module, source: str) -> N
         with torch.no_grad():
             embeddings(torch.zeros(1, channels, height, width, dtype=parameter.dtype, device=parameter.device))
     except (ValueError, RuntimeError) as e:
-        reason = (str(e).splitlines() or [""])[0][:200]
+        reason = first_line(e, 200)
         raise ModelError(f"{where}: field size/crop_size: {height} x {width} images do not fit "
                          f"{type(model).__name__} (its {CONFIG} has image_size "
                          f"{getattr(model.config, 'image_size', '?')}): {reason}") from None

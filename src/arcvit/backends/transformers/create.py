@@ -20,7 +20,7 @@ from transformers.utils import logging as hf_logging
 from arcvit.backends.transformers.checks import (PROCESSOR, check_config_files, check_preprocessing,
                                                  check_weight_files, file_name, model_class)
 from arcvit.backends.transformers.heads import TransformersClassifier, default_pool, default_preprocessing
-from arcvit.errors import ModelError
+from arcvit.errors import ModelError, first_line
 
 PREFIX = "transformers:"
 # PIL resampling codes (what image processors store) -> timm interpolation names
@@ -36,7 +36,7 @@ def source_of(name: str) -> str:
 
 
 def _fail(source: str, what: str, error: Exception) -> ModelError:
-    detail = (str(error).splitlines() or [""])[0][:200]
+    detail = first_line(error, 200)
     hint = "" if Path(source).is_dir() else (" Offline? Pass a local folder written by save_pretrained "
                                              "(config.json, weights and preprocessor_config.json)")
     return ModelError(f"cannot load the {what} of transformers model {source!r} ({type(error).__name__}: "

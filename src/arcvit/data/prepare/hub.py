@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from arcvit.errors import DataError
+from arcvit.errors import DataError, first_line
 
 # Public copies (see docs/data.md): the repo and the files holding the task folders.
 HUB_REPOS = {"vtab1k": ("XiN0919/VTAB-1k", ("vtab-1k.zip",)), "fgvc": ("XiN0919/FGVC", ())}
@@ -39,9 +39,9 @@ def download(repo: str, files: list[str], revision: str, cache_dir: str | None =
         except errors.EntryNotFoundError:
             raise DataError(f"{where}: the repo has no file {name!r} (--files names the files to fetch)") from None
         except (errors.RepositoryNotFoundError, errors.RevisionNotFoundError) as e:
-            raise DataError(f"{where}: {type(e).__name__} ({str(e).splitlines()[0]}); check --repo and "
+            raise DataError(f"{where}: {type(e).__name__} ({first_line(e)}); check --repo and "
                             "--revision") from None
         except (errors.HfHubHTTPError, OSError) as e:
-            raise DataError(f"{where}: cannot download {name} ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+            raise DataError(f"{where}: cannot download {name} ({type(e).__name__}: {first_line(e)})") from None
         got.append((local, f"hub {repo}@{_commit(local)} {name}"))
     return got
