@@ -19,6 +19,7 @@ from arcvit.training.recipes import train_config
 from arcvit.cli import main
 from arcvit.data.mini import build_mini_suite
 from arcvit.errors import ConfigError, DataError
+from arcvit.bench import report
 from arcvit.bench.report import build_table, format_cell, render_table, run_dir
 
 TASKS = {"a": "natural", "b": "natural", "c": "structured"}
@@ -59,9 +60,16 @@ def test_table_means_over_tasks_groups_and_seeds():
     assert z["mean_of_group_means"]["mean"] == approx(30) and not z["mean_of_group_means"]["complete"]
     header, _, first, *_ = render_table(table)
     assert header == ("| method | a | b | **natural** | c | **structured** | **mean (all tasks)** "
-                      "| **mean of group means** | params (M) |")
+                      "| **mean of group means** | params (M) | merges |")
     assert first == ("| x | 81.0 ± 1.4 | 62.0 ± 2.8 | 71.5 ± 2.1 | 50.0 ± 0.0 | 50.0 ± 0.0 | 64.3 ± 1.4 | 60.8 ± 1.1 "
-                     "| 0.002 |")
+                     "| 0.002 | – |")  # x is no method arcvit knows
+
+
+@pytest.mark.parametrize("method, merges", [("arc", "yes"), ("lora@2", "yes"), ("rlrr", "yes"), ("adaptformer", "no")])
+def test_table_says_whether_a_method_merges(method, merges):
+    table = build_table([{"task": "a", "method": method, "seed": 0, "status": "done", "test_top1": 0.5,
+                          "trainable_params": 10}], {"a": "natural"})
+    assert render_table(table)[2].endswith(f"| {merges} |")
 
 
 def write_run(folder: Path, task: str, cfg, top1: float, backbone: str = "vit_pico_patch7_28") -> dict:
@@ -199,3 +207,20 @@ def test_bench_command_checks_its_arguments(tmp_path, capsys):
     assert main(["bench", "--suite", "mini", "--config", str(bad), "--out", str(tmp_path)]) == 1
     assert "unknown mini task 'cifar'" in capsys.readouterr().err
     assert not (tmp_path / "runs").exists()
+
+
+def test_report_counts_per_method_how_often_a_range_end_was_reached():
+    def record(edges):
+        return {"settings": {"lr": 0.1}, "at_edge": edges, "val_top1": 0.5, "trials": 12}
+    tuned = {"a": {"ssf": record({"lr": "high"}), "arc": record({})},
+             "b": {"ssf": record({"lr": "high", "drop_path": "low"}), "arc": record({})},
+             "c": {"ssf": record({}), "arc": record({"rank": "low"})}}
+    lines = report._tuned_settings({"tuning": {"tuned": tuned}})
+    assert "| ssf | lr (high) 2 of 3, drop_path (low) 1 of 3 |" in lines
+    assert "| arc | rank (low) 1 of 3 |" in lines
+    tuned["c"]["arc"]["at_edge"] = tuned["b"]["arc"]["at_edge"] = tuned["a"]["arc"]["at_edge"] = {}
+    assert "| arc | none |" in report._tuned_settings({"tuning": {"tuned": tuned}})
+    for methods in tuned.values():  # studies from before edges were recorded: no counts to show
+        for r in methods.values():
+            r["at_edge"] = None
+    assert not any("range's end" in line for line in report._tuned_settings({"tuning": {"tuned": tuned}}))

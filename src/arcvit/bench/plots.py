@@ -21,17 +21,18 @@ def plot_accuracy_vs_params(points: Sequence[tuple[str, float, float, float]], p
                             ylabel: str = "mean top-1 accuracy (%)") -> Path:
     """``points``: (label, trainable parameters, accuracy %, std %) — std 0 draws no error bar. Labels
     ``M@R`` join method M's line; each point is annotated with its own label."""
-    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
+    fig, ax = plt.subplots(figsize=(8, 4.5), dpi=120)
     lines: dict[str, list[tuple[str, float, float, float]]] = {}
     for point in points:
         lines.setdefault(line_of(point[0]), []).append(point)
-    for method, members in lines.items():
+    for i, (method, members) in enumerate(lines.items()):
         members.sort(key=lambda p: p[1])
         _, xs, ys, stds = zip(*members)
         arc = method.startswith("arc")
-        ax.errorbar(xs, ys, yerr=list(stds) if any(stds) else None, fmt="o-" if len(members) > 1 else "o",
-                    markersize=8 if arc else 6, linewidth=2 if arc else 1.2, capsize=3, label=method,
-                    zorder=3 if arc else 2)
+        marker = "os^D"[i // 10 % 4]  # 10 colours, then the same colours with another marker: no two alike
+        ax.errorbar(xs, ys, yerr=list(stds) if any(stds) else None, fmt=marker + ("-" if len(members) > 1 else ""),
+                    color=f"C{i % 10}", markersize=8 if arc else 6, linewidth=2 if arc else 1.2, capsize=3,
+                    label=method, zorder=3 if arc else 2)
         for label, x, y, _ in members:
             ax.annotate(label, (x, y), textcoords="offset points", xytext=(6, 5), fontsize=8)
     ax.set_xscale("log")
@@ -40,7 +41,7 @@ def plot_accuracy_vs_params(points: Sequence[tuple[str, float, float, float]], p
     ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=10)
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8, loc="best")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))  # outside: a dozen rows hide no point
     fig.tight_layout()
     path = Path(path)
     with atomic_path(path) as tmp:

@@ -19,6 +19,7 @@ import csv
 import io
 import json
 import warnings
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -163,7 +164,7 @@ def render_table(table: Mapping[str, Any]) -> list[str]:
     header = ["method"]
     for group, members in table["groups"].items():
         header += members + ([f"**{group}**"] if by_group else [])
-    header += ["**mean (all tasks)**"] + (["**mean of group means**"] if by_group else []) + ["params (M)"]
+    header += ["**mean (all tasks)**"] + (["**mean of group means**"] if by_group else []) + ["params (M)", "merges"]
     lines = []
     for row in table["rows"]:
         cells = [row["method"]]
@@ -173,8 +174,15 @@ def render_table(table: Mapping[str, Any]) -> list[str]:
         cells.append(format_cell(row["all_tasks"]))
         cells += [format_cell(row["mean_of_group_means"])] if by_group else []
         cells.append("–" if row["params_m"] is None else f"{row['params_m']:.3g}")
+        cells.append(_merges_text(row["method"]))
         lines.append(cells)
     return _markdown_table(header, lines)
+
+
+def _merges_text(method: str) -> str:
+    """Whether a row's method folds into the plain model (``lora@2``: as ``lora``)."""
+    spec = SPECS.get(method.partition("@")[0])
+    return "–" if spec is None else "yes" if spec.mergeable else "no"
 
 
 def _protocol_text(settings: Mapping[str, Any]) -> str:
@@ -304,7 +312,27 @@ def _tuned_settings(plan: Mapping[str, Any]) -> list[str]:
             "the runs above retrain them under the table's protocol. At a range edge: a tuned value within 5 % "
             "of an end of its search range (of its log width on a log scale): that range may bind.", "",
             *_markdown_table(["task", "method", "settings", "at a range edge", "val top-1 (%)", "trials"], rows, 4),
-            ""]
+            "", *_edge_counts(tuned)]
+
+
+def _edge_counts(tuned: Mapping[str, Mapping[str, Any]]) -> list[str]:
+    """Per method, how many of its tasks' tuned values sit at each end of each range: one task at an edge is
+    what chance gives; the same end on most of a method's tasks is a range that binds."""
+    studies: Counter[str] = Counter()
+    counts: dict[str, Counter[str]] = {}
+    for methods in tuned.values():
+        for method, record in methods.items():
+            studies[method] += 1
+            if record.get("at_edge") is not None:
+                counts.setdefault(method, Counter()).update(f"{k} ({end})" for k, end in record["at_edge"].items())
+    if not counts:
+        return []  # every study predates the edge record
+    rows = [[m, ", ".join(f"{edge} {n} of {studies[m]}" for edge, n in found.most_common()) or "none"]
+            for m, found in counts.items()]
+    return ["How often each range's end was reached, per method (tasks whose tuned value sits there, of the tasks "
+            "tuned). A uniform draw lands within 5 % of a given end 1 time in 20, and a best trial has several "
+            "settings, so one task at an edge is what chance gives; the same end on most of a method's tasks is "
+            "a range that binds.", "", *_markdown_table(["method", "at a range edge"], rows, 2), ""]
 
 
 def render_report(title: str, table: Mapping[str, Any], about: Mapping[str, Any],
@@ -330,7 +358,8 @@ def render_report(title: str, table: Mapping[str, Any], about: Mapping[str, Any]
              "–: no finished run. *: averaged over the tasks that have results; some are missing. "
              "mean (all tasks): the plain mean over the tasks"
              + (", mean of group means: the mean of the group columns" if len(groups) > 1 else "")
-             + ". params (M): trainable parameters in millions, mean over tasks (the head depends on the classes).",
+             + ". params (M): trainable parameters in millions, mean over tasks (the head depends on the classes). "
+             "merges: the trained model folds into the plain backbone (`arcvit merge --run`), at no inference cost.",
              ""]
     if any(about["method_settings"].values()):
         names = list(next(iter(about["method_settings"].values())))

@@ -115,13 +115,14 @@ def _prepare_data(suite: str, data: str | Path | None, out: Path, tasks: Sequenc
 
 @rank_zero_only
 def _write_plan(out: Path, plan: dict[str, Any]) -> None:
-    """bench.json: what this folder benchmarks. A later bench into it may add tasks, methods and seeds."""
+    """bench.json: what this folder benchmarks. A later bench into it may add tasks, methods and seeds; the
+    methods it names come first, in its order (the report's row order), then those only earlier ones named."""
     old = read_json(out / PLAN_FILE) or {}
     for key in ("suite", "backbone", "checkpoint", "pretrained"):
         if key in old and old[key] != plan[key]:
             raise ConfigError(f"{out} benchmarks {key} {old[key]!r}, not {plan[key]!r}; use another --out")
     for key in ("tasks", "methods", "seeds"):
-        plan[key] = list(dict.fromkeys([*old.get(key, []), *plan[key]]))
+        plan[key] = list(dict.fromkeys([*plan[key], *old.get(key, [])]))
     tasks = SUITES[plan["suite"]].tasks
     plan["tasks"] = [t for t in tasks if t in plan["tasks"]]
     write_json(out / PLAN_FILE, plan)
