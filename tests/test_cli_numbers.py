@@ -46,7 +46,8 @@ BOUNDS = {
     "bench": {**RAY, "--seeds": ("whole", 0, 2**32 - 1), "--tune": ("whole", 1, 100_000),
               "--epochs": ("whole", 1, 100_000), "--devices": ("whole", 1, 1024)},
     "export": {"--check-batch": ("whole", 2, 4096)},
-    "data prepare": {"--max-member-mb": ("real", 0, 1_048_576, True, False)},
+    "data prepare": {"--max-member-mb": ("real", 0, 1_048_576, True, False),
+                     "--max-total-gb": ("real", 0, 1_048_576, True, False)},
 }
 SPELLINGS = ["٣", "１０", "1_0", " 3", "3 ", "+3", "-1", "", "0x10", "nan", "inf", "-inf", "1e999", "3,5",
              "9" * 40]

@@ -21,6 +21,7 @@ RETRIES = whole_flag(0, 100)
 CPUS = real_flag(0, 1024, above=True)
 GPUS = real_flag(0, 1024)
 MEGABYTES = real_flag(0, 1_048_576, above=True)
+GIGABYTES = real_flag(0, 1_048_576, above=True)  # data prepare's total budget
 FRACTION = real_flag(0, 1, below=True)  # dropout, drop path, label smoothing: [0, 1)
 
 TRAIN_NUMBERS: dict[str, Callable[[str], float]] = {  # one per numeric TrainConfig field (tests check none is missing)

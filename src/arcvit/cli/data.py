@@ -5,7 +5,7 @@ import argparse
 import json
 import sys
 
-from arcvit.cli.bounds import MEGABYTES
+from arcvit.cli.bounds import GIGABYTES, MEGABYTES
 from arcvit.errors import ConfigError, DataError
 
 SUITES = ("vtab1k", "fgvc")
@@ -34,6 +34,7 @@ def cmd_prepare(args: argparse.Namespace) -> None:
     summary = prepare(args.suite, args.out, source, path=path, tasks=args.tasks, repo=args.repo,
                       revision=args.revision, files=args.files, cache_dir=args.cache_dir, force=args.force,
                       check_sizes=not args.any_size, max_member_bytes=int(args.max_member_mb * 2**20),
+                      max_total_bytes=int(args.max_total_gb * 2**30),
                       image_format=args.format,
                       quiet=args.quiet, log=_log(args))
     print(json.dumps(summary, indent=2))
@@ -86,6 +87,9 @@ def add_data_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--force", action="store_true", help="replace task folders that exist already")
     p.add_argument("--any-size", action="store_true", help="accept split sizes other than the public release's")
     p.add_argument("--max-member-mb", type=MEGABYTES, default=4096, help="refuse an archive member larger than this")
+    p.add_argument("--max-total-gb", type=GIGABYTES, default=64,
+                   help="stop, and write nothing, once prepare would write more than this in all (nested archives "
+                        "counted; default 64: VTAB-1k needs a few GB, FGVC about 30)")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
     p.set_defaults(func=cmd_prepare)
 

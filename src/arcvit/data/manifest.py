@@ -21,21 +21,55 @@ MANIFEST = "MANIFEST.json"
 FORMAT = 1
 UNVERIFIED = "unverified"
 UNRECORDED_SOURCE = "unrecorded (verified in place)"
+_HEX = frozenset("0123456789abcdef")
 
 
 def read_manifest(root: str | Path) -> dict:
-    """The manifest of ``root``, or an empty one when there is none; a damaged file is a DataError."""
+    """The manifest of ``root``, or an empty one when there is none; a damaged or hand-edited file (not JSON,
+    nested too deeply, a field of the wrong type, a digest that is not hex, a folder in its place) is one
+    DataError naming the file and field, so that no run records a digest verify never wrote."""
     path = Path(root) / MANIFEST
-    if not path.is_file():
+    if not path.exists() and not path.is_symlink():
         return {"format": FORMAT, "tasks": {}}
     try:
         manifest = json.loads(path.read_text(encoding="utf-8"))
+    except RecursionError:
+        raise DataError(f"{path}: unreadable manifest (nested too deeply); move it aside and run "
+                        "`arcvit data verify` again") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise DataError(f"{path}: unreadable manifest ({e}); move it aside and run `arcvit data verify` "
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else e  # a folder: "Is a directory"
+        raise DataError(f"{path}: unreadable manifest ({reason}); move it aside and run `arcvit data verify` "
                         "again") from None
     if not isinstance(manifest, dict) or not isinstance(manifest.get("tasks"), dict):
         raise DataError(f"{path}: not an arcvit manifest (no 'tasks' object)")
+    for task, entry in manifest["tasks"].items():
+        problem = _entry_problem(entry)
+        if problem:
+            raise DataError(f"{path}: field tasks.{task}{problem}; move it aside and run `arcvit data verify` "
+                            "again")
     return manifest
+
+
+def _is_digest(value: object) -> bool:
+    return isinstance(value, str) and len(value) == 64 and set(value) <= _HEX
+
+
+def _entry_problem(entry: object) -> str | None:
+    """What is wrong with one task's entry (``.field: ...``), or None: the fields runs and verify read."""
+    if not isinstance(entry, dict):
+        return f": expected an object, got {type(entry).__name__}"
+    if not _is_digest(entry.get("digest")):
+        return f".digest: expected 64 hex digits, got {str(entry.get('digest'))[:40]!r}"
+    for field in ("source", "suite"):
+        if not isinstance(entry.get(field, ""), str):
+            return f".{field}: expected a string, got {type(entry[field]).__name__}"
+    lists, splits = entry.get("lists", {}), entry.get("splits", {})
+    if not isinstance(lists, dict) or not all(_is_digest(d) for d in lists.values()):
+        return ".lists: expected an object of list file -> 64 hex digits"
+    if not isinstance(splits, dict) or not all(isinstance(s, dict) and _is_digest(s.get("digest"))
+                                               for s in splits.values()):
+        return ".splits: expected an object of split -> {\"digest\": 64 hex digits, ...}"
+    return None
 
 
 def record_tasks(root: str | Path, entries: dict[str, dict]) -> None:
@@ -110,23 +144,30 @@ def stamp(entry: dict, suite: str, source: str) -> dict:
 
 def data_provenance(root: str | Path, task: str) -> dict[str, str | None]:
     """``{"digest", "source"}`` of a task as its root's manifest records it; digest "unverified" when the
-    root has no manifest entry for it. Reads the manifest only (no image is opened)."""
+    root has no manifest entry for it. Reads the manifest only (no image is opened). A damaged manifest of the
+    root is a DataError; without a task, the parent folder's is only a guess, and skipped when damaged."""
     root = Path(root)
-    candidates = [(root.parent, root.name)] if not task else []
-    if task:
-        names = {task}
-        for layout in ("vtab", "fgvc"):
-            try:
-                names.add(resolve_task(task, layout).folder)
-            except DataError:
-                pass
-        candidates = [(root, name) for name in sorted(names)]
-    for where, name in candidates:
+    if not task:
         try:
-            tasks = read_manifest(where)["tasks"]
+            return _provenance(root.parent, root.name)
         except DataError:
-            continue
-        match = next((e for t, e in tasks.items() if task_key(t) == task_key(name)), None)
-        if match:
-            return {"digest": match.get("digest", UNVERIFIED), "source": match.get("source")}
+            return {"digest": UNVERIFIED, "source": None}
+    names = {task}
+    for layout in ("vtab", "fgvc"):
+        try:
+            names.add(resolve_task(task, layout).folder)
+        except DataError:
+            pass
+    for name in sorted(names):
+        found = _provenance(root, name)
+        if found["digest"] != UNVERIFIED:
+            return found
     return {"digest": UNVERIFIED, "source": None}
+
+
+def _provenance(where: Path, name: str) -> dict[str, str | None]:
+    """The manifest of ``where``'s entry for task folder ``name`` (digest "unverified" when it has none)."""
+    tasks = read_manifest(where)["tasks"]
+    match = next((e for t, e in tasks.items() if task_key(t) == task_key(name)), None)
+    return {"digest": match["digest"], "source": match.get("source")} if match else \
+        {"digest": UNVERIFIED, "source": None}

@@ -18,8 +18,9 @@ from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
 from arcvit.data.layouts import FGVC_TASKS, VTAB_TASKS, _MARKERS, resolve_task
-from arcvit.data.manifest import record_tasks, stamp
-from arcvit.data.prepare.archive import ARCHIVE_SUFFIXES, MAX_MEMBER_BYTES, copy_tree, is_archive, unpack
+from arcvit.data.manifest import read_manifest, record_tasks, stamp
+from arcvit.data.prepare.archive import (ARCHIVE_SUFFIXES, MAX_MEMBER_BYTES, MAX_TOTAL_BYTES, Budget, copy_tree,
+                                         is_archive, unpack)
 from arcvit.data.prepare.discover import find_tasks
 from arcvit.data.verify import SUITE_LAYOUTS, verify_task
 from arcvit.errors import ConfigError, DataError
@@ -72,9 +73,10 @@ def _describe_missing(layout: str, missing: list[str], named: dict[str, Path], t
 
 
 def _gather(origins: list[tuple[Path, str]], stage: Path, layout: str, wanted: list[str],
-            max_member_bytes: int, log: Callable[[str], None]) -> tuple[dict[str, Path], dict[str, Path], Path]:
-    """Unpack (or, for a folder, copy) the sources; the task folders found, the same-named folders without
-    list files, and the folder they were looked for in."""
+            max_member_bytes: int, budget: Budget,
+            log: Callable[[str], None]) -> tuple[dict[str, Path], dict[str, Path], Path]:
+    """Unpack (or, for a folder, copy) the sources, every byte within one ``budget``; the task folders found,
+    the same-named folders without list files, and the folder they were looked for in."""
     top = stage / "unpacked"
     seen: dict[str, Path] = {}
     for n, (path, _) in enumerate(origins):
@@ -83,10 +85,10 @@ def _gather(origins: list[tuple[Path, str]], stage: Path, layout: str, wanted: l
             for task in wanted:
                 if task in found:
                     log(f"copying {found[task]}")
-                    copy_tree(found[task], top / str(n) / task)
+                    copy_tree(found[task], top / str(n) / task, max_member_bytes, budget)
             continue
         log(f"unpacking {path}")
-        unpack(path, top / str(n), max_member_bytes)
+        unpack(path, top / str(n), max_member_bytes, budget=budget)
     if not top.is_dir():
         top.mkdir()
     found, named = find_tasks(top, layout)
@@ -140,8 +142,8 @@ def _place(folder: Path, target: Path, stage: Path) -> None:
 def prepare(suite: str, out: str | Path, source: str = "hub", *, path: str | None = None,
             tasks: Sequence[str] | None = None, repo: str | None = None, revision: str = "main",
             files: Sequence[str] | None = None, cache_dir: str | None = None, force: bool = False,
-            check_sizes: bool = True, max_member_bytes: int = MAX_MEMBER_BYTES, image_format: str = "png",
-            quiet: bool = False,
+            check_sizes: bool = True, max_member_bytes: int = MAX_MEMBER_BYTES,
+            max_total_bytes: int = MAX_TOTAL_BYTES, image_format: str = "png", quiet: bool = False,
             log: Callable[[str], None] = lambda line: None) -> dict:
     """Prepare ``suite``'s tasks (all, or ``tasks``) under ``out`` from ``source``; see the module docstring.
 
@@ -157,12 +159,14 @@ def prepare(suite: str, out: str | Path, source: str = "hub", *, path: str | Non
     origins = [] if source == "tfds" else _origins(source, suite, path, repo, revision, files, cache_dir, quiet)
     labels = {t: "; ".join(lbl for _, lbl in origins) for t in wanted}
     out.mkdir(parents=True, exist_ok=True)
+    read_manifest(out)  # a damaged MANIFEST.json is named now, before any task is placed beside it
     prepared, failed = {}, []
     with _staging(out, log) as stage:
         if source == "tfds":
             found, named, top = _build_tfds(wanted, stage, image_format, cache_dir, labels, log), {}, stage
         else:
-            found, named, top = _gather(origins, stage, layout, wanted, max_member_bytes, log)
+            found, named, top = _gather(origins, stage, layout, wanted, max_member_bytes,
+                                        Budget(max_total_bytes), log)
         log(f"found {len(found)} task folder(s): {', '.join(sorted(found)) or 'none'}")
         missing = [t for t in wanted if t not in found]
         for task in (t for t in wanted if t in found):
