@@ -211,3 +211,72 @@ def test_a_hand_edited_manifest_is_one_line_for_verify_prepare_and_train(case, t
                          "--out", tmp_path / "run"], capsys)
     one_line(code, err, "train", str(root / MANIFEST), words)
     assert digests(root) == before and not (tmp_path / "run" / "results.json").exists()
+
+
+# ---------------------------------------------------------------- arcvit report: run folders
+
+def _write_run(out: Path, seed: str = "0", results: dict | None = None, settings: dict | None = None) -> Path:
+    """A finished kitti/linear run folder named ``seed<seed>``, as the training loop writes it (trimmed)."""
+    folder = out / "runs" / "kitti" / "linear" / f"seed{seed}"
+    folder.mkdir(parents=True)
+    base_settings = {"backbone": "vit_pico_patch7_28", "checkpoint": None, "pretrained": False,
+                     "data": {"splits": {"train": "train800val200", "test": "test"}},
+                     "train": {"method": "linear", "seed": 0, "protocol": "final", "lr": 0.01},
+                     "data_manifest": {"digest": "a" * 64, "source": "archive vtab-1k.zip"}}
+    base_results = {"task": "kitti", "method": "linear", "seed": 0, "test_top1": 0.375, "trainable_params": 10,
+                    "protocol": "final", "wall_time_s": 1.5}
+    for name, content, base in (("settings.json", settings, base_settings), ("results.json", results, base_results)):
+        (folder / name).write_text(json.dumps(base | content if isinstance(content, dict) else
+                                              base if content is None else content))
+    return folder
+
+
+def _plan(out: Path, plan) -> None:
+    (out / "bench.json").write_text(json.dumps(plan))
+
+
+REPORTS = {  # id: (make the bench folder, the file named, words of the one line)
+    "top1_in_percent": (lambda o: _write_run(o, results={"test_top1": 37.5}), "seed0/results.json",
+                        "field test_top1: expected a fraction in [0, 1] (a top-1 accuracy, not in %), got float 37.5"),
+    "top1_nan": (lambda o: _write_run(o, results={"test_top1": float("nan")}), "seed0/results.json",
+                 "field test_top1: expected a fraction in [0, 1]"),
+    "top1_string": (lambda o: _write_run(o, results={"test_top1": "0.9"}), "seed0/results.json",
+                    "field test_top1: expected a fraction in [0, 1] (a top-1 accuracy, not in %), got str '0.9'"),
+    "top1_missing": (lambda o: _write_run(o, results=["test_top1"]), "seed0/results.json",
+                     "field (the file): expected an object, got list"),
+    "params_negative": (lambda o: _write_run(o, results={"trainable_params": -3}), "seed0/results.json",
+                        "field trainable_params: expected a whole number >= 0, got int -3"),
+    "wall_time_inf": (lambda o: _write_run(o, results={"wall_time_s": float("inf")}), "seed0/results.json",
+                      "field wall_time_s: expected a finite number or null"),
+    "settings_train_a_list": (lambda o: _write_run(o, settings={"train": ["linear"]}), "seed0/settings.json",
+                              "field train: expected an object, got list"),
+    "settings_splits_missing": (lambda o: _write_run(o, settings={"data": {}}), "seed0/settings.json",
+                                "field data.splits: expected an object, got NoneType None"),
+    "settings_digest_not_hex": (lambda o: _write_run(o, settings={"data_manifest": {"digest": "zz", "source": None}}),
+                                "seed0/settings.json", "field data_manifest.digest: expected 64 hex digits"),
+    "plan_seeds_text": (lambda o: (_write_run(o), _plan(o, {"suite": "vtab1k", "seeds": ["0"]})), "bench.json",
+                        "field seeds: expected a list of int, got list ['0']"),
+    "plan_a_list": (lambda o: (_write_run(o), _plan(o, [1, 2])), "bench.json",
+                    "field (the file): expected an object, got list"),
+    "seed00_beside_seed0": (lambda o: (_write_run(o), _write_run(o, "00")), "seed00",
+                            "the same run as", "(task kitti, method linear, seed 0); keep one of the two folders"),
+    "seed_arabic_digit": (lambda o: (_write_run(o, "1"), _write_run(o, "\u0661")), "seed1",
+                          "(task kitti, method linear, seed 1)"),
+}
+
+
+@pytest.mark.parametrize("case", REPORTS)
+def test_report_refuses_a_hostile_run_folder_in_one_line(case, tmp_path, capsys):
+    make, named, *words = REPORTS[case]
+    make(tmp_path)
+    before = digests(tmp_path)
+    code, _, err = call(["report", tmp_path, "--suite", "vtab1k"], capsys)
+    one_line(code, err, "report", named, *words)
+    assert digests(tmp_path) == before  # no report written
+
+
+def test_a_healthy_run_folder_still_reports(tmp_path, capsys):
+    _write_run(tmp_path)
+    _write_run(tmp_path, "1", results={"test_top1": 0.5, "val_top1": None})
+    assert call(["report", tmp_path, "--suite", "vtab1k"], capsys)[0] == 0
+    assert "| linear |" in (tmp_path / "report.md").read_text() and "43.8 ± 8.8" in (tmp_path / "report.md").read_text()

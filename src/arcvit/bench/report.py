@@ -35,6 +35,7 @@ from arcvit.training.recipes import ADAPTER_FIELDS
 from arcvit.training.search_space import edges_text
 from arcvit.bench.plots import plot_accuracy_vs_params
 from arcvit.bench.provenance import check_one_dataset_per_task, data_by_task, render_data_section
+from arcvit.bench.runfiles import check_plan, check_results, check_settings, run_seed
 
 PLAN_FILE = "bench.json"    # the bench's plan: suite, tasks, methods, seeds, backbone, config
 RESULTS_FILE = "results.json"  # the report as data; its "runs" are the rows of results.csv
@@ -69,24 +70,40 @@ def read_json(path: Path) -> dict[str, Any] | None:
         return None
     except (OSError, ValueError) as e:
         raise ConfigError(f"{path}: unreadable ({e})") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: unreadable (nested too deeply)") from None
 
 
 def collect_runs(out: str | Path) -> list[dict[str, Any]]:
     """One record per run folder under ``out/runs``: task, method and seed (from the folder), ``status``
-    ('done', 'failed' or 'unfinished'), the run's results.json fields, its settings and any error."""
-    out, records = Path(out), []
+    ('done', 'failed' or 'unfinished'), the run's results.json fields, its settings and any error. Every field
+    read is checked (`arcvit.bench.runfiles`); two folders that give one (task, method, seed), as ``seed0`` and
+    ``seed00`` do, are refused rather than one silently replacing the other."""
+    out, records, seen = Path(out), [], {}
     for folder in sorted(out.glob(f"{RUNS_DIR}/*/*/seed*")):
-        if not (folder.is_dir() and folder.name[4:].isdigit()):
+        seed = run_seed(folder)
+        if not folder.is_dir() or seed is None:
             continue
-        results = read_json(folder / "results.json")
-        error = folder / ERROR_FILE
-        status = "done" if results else "failed" if error.exists() else "unfinished"
-        records.append({**(results or {}), "task": folder.parent.parent.name, "method": folder.parent.name,
-                        "seed": int(folder.name[4:]), "status": status,
-                        "run_dir": folder.relative_to(out).as_posix(),
-                        "settings": read_json(folder / "settings.json") or {},
-                        "error": error.read_text().strip() if status == "failed" else None})
+        key = (folder.parent.parent.name, folder.parent.name, seed)
+        if key in seen:
+            raise ConfigError(f"{folder}: the same run as {seen[key]} (task {key[0]}, method {key[1]}, seed "
+                              f"{seed}); keep one of the two folders")
+        seen[key] = folder
+        records.append(_record(out, folder, seed))
     return records
+
+
+def _record(out: Path, folder: Path, seed: int) -> dict[str, Any]:
+    """A run folder's record for collect_runs, its files checked field by field."""
+    results = read_json(folder / "results.json")
+    settings = read_json(folder / "settings.json")
+    results = None if results is None else check_results(folder / "results.json", results)
+    settings = {} if settings is None else check_settings(folder / "settings.json", settings)
+    error = folder / ERROR_FILE
+    status = "done" if results else "failed" if error.exists() else "unfinished"
+    return {**(results or {}), "task": folder.parent.parent.name, "method": folder.parent.name, "seed": seed,
+            "status": status, "run_dir": folder.relative_to(out).as_posix(), "settings": settings,
+            "error": error.read_text(errors="replace").strip() if status == "failed" else None}
 
 
 @dataclass(frozen=True)
@@ -497,7 +514,8 @@ def build_report(out: str | Path, suite: str | None = None, force: bool = False,
             raise ConfigError(f"{out}: {RESULTS_FILE} records {len(lost)} finished run(s) that the run folders no "
                               f"longer hold ({_named(lost)}); rebuilding would drop them: restore those folders, "
                               "or pass --force to rebuild from the folders alone")
-    plan = read_json(out / PLAN_FILE) or {}
+    plan = read_json(out / PLAN_FILE)
+    plan = {} if plan is None else check_plan(out / PLAN_FILE, plan)
     suite = suite or plan.get("suite") or _infer_suite(out, records)
     if suite not in SUITES:
         raise ConfigError(f"unknown suite {suite!r}; choose from {', '.join(SUITES)}")
