@@ -12,6 +12,7 @@ from typing import Any, Sequence
 
 from arcvit.backends import backbone_name
 from arcvit.backends.timm.zoo import DEFAULT_BACKBONE
+from arcvit.cli.hubrefs import hub_source, pulled, pulled_sources
 from arcvit.errors import ArcvitError, ConfigError, DataWarning
 
 
@@ -143,7 +144,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
     _warn_other_task(meta, args.task, args.data)
     fabric = Fabric(accelerator=args.accelerator, devices=1)
     top1 = evaluate(fabric, fabric.setup_module(model), dataset, args.batch_size)
-    print(json.dumps({"split": args.split, "images": len(dataset), "top1": round(top1, 6)}))
+    print(json.dumps({"split": args.split, "images": len(dataset), "top1": round(top1, 6), **pulled(args)}))
 
 
 def _check_merge_out(out: Path, args: argparse.Namespace) -> None:
@@ -175,7 +176,7 @@ def _run_model(args: argparse.Namespace):
     if args.inplace:
         raise ConfigError("--inplace: only with --adapter (a run's model is merged into a copy)")
     model, method, info = load_run(args.run, args.checkpoint)
-    return model, method, info | {"source_adapter": str(args.run)}
+    return model, method, info | {"source_adapter": hub_source(args, "run")}
 
 
 def cmd_merge(args: argparse.Namespace) -> None:
@@ -195,7 +196,7 @@ def cmd_merge(args: argparse.Namespace) -> None:
         merged = arcvit.merge(model, inplace=args.inplace)
         info = {"backbone": args.backbone, "num_classes": meta["num_classes"],
                 "class_names": meta.get("extra", {}).get("class_names"), "task": meta.get("extra", {}).get("task"),
-                "source_adapter": str(args.adapter)}
+                "source_adapter": hub_source(args, "adapter")}
     size = merged.pretrained_cfg.get("input_size", (3, 224, 224))
     x = torch.randn(4, *size, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
@@ -233,7 +234,7 @@ def cmd_predict(args: argparse.Namespace) -> None:
         probs = logits[0].softmax(-1)
         label = int(probs.argmax())
         print(json.dumps({"image": path, "label": label, "class": names[label] if names else str(label),
-                          "prob": round(probs[label].item(), 4)}))
+                          "prob": round(probs[label].item(), 4), **pulled(args)}))
 
 
 def cmd_params(args: argparse.Namespace) -> None:
@@ -318,6 +319,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_data_commands(sub)
     from arcvit.cli.export import add_export_parser
     add_export_parser(sub)
+    from arcvit.cli.push import add_push_parser
+    add_push_parser(sub)
     return parser
 
 
@@ -346,7 +349,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             warnings.simplefilter("always", DataWarning)
             warnings.showwarning = _show_warning(args.command)
             _check_out(args)
-            args.func(args)
+            with pulled_sources(args):
+                args.func(args)
     except ArcvitError as e:
         print(f"arcvit {args.command}: error: {e}", file=sys.stderr)
         return 1

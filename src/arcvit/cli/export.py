@@ -145,6 +145,7 @@ def _single(args: argparse.Namespace):
     """The merged model (from --adapter, merged here, or --merged) and its metadata."""
     import arcvit
     from arcvit.cli import _adapted_model
+    from arcvit.cli.hubrefs import hub_source
     from arcvit.core.adapter_file import backbone_identity
     from arcvit.core.arc import backbone_fingerprint
     from arcvit.core.sites import find_blocks
@@ -155,10 +156,10 @@ def _single(args: argparse.Namespace):
     find_blocks(model)  # an unsupported family: one line naming what arcvit looks for
     identity = backbone_identity(model)
     if args.adapter:
-        source = {"adapter": str(args.adapter), "adapter_sha256": meta.get("weights_sha256"),
+        source = {"adapter": hub_source(args, "adapter"), "adapter_sha256": meta.get("weights_sha256"),
                   "backbone_fingerprint": meta["backbone"]["fingerprint"]}
     else:
-        source = {"merged": str(args.merged), "source_adapter": meta.get("source_adapter")}
+        source = {"merged": hub_source(args, "merged"), "source_adapter": meta.get("source_adapter")}
     name = (meta.get("extra") or {}).get("task") or meta.get("task") or "default"
     backbone = {**identity, "weights_fingerprint": backbone_fingerprint(model)}
     return SingleTask(model).eval(), model, describe("merged", model, backbone, [task_entry(name, meta)], source)
@@ -210,6 +211,7 @@ def cmd_export(args: argparse.Namespace) -> None:
 def predict_onnx(args: argparse.Namespace) -> None:
     """``arcvit predict --onnx FILE``: one line per image (per image and task for a many-task file), as
     ``predict --adapter`` prints it."""
+    from arcvit.cli.hubrefs import pulled
     from arcvit.data.images import open_rgb
     from arcvit.export.session import OnnxModel
     from arcvit.training.finite import require_finite
@@ -225,4 +227,5 @@ def predict_onnx(args: argparse.Namespace) -> None:
             probs = logits[0].softmax(-1)
             label = int(probs.argmax())
             print(json.dumps({"image": path, **({"task": task["name"]} if model.many else {}), "label": label,
-                              "class": task["class_names"][label], "prob": round(probs[label].item(), 4)}))
+                              "class": task["class_names"][label], "prob": round(probs[label].item(), 4),
+                              **pulled(args)}))

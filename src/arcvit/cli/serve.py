@@ -12,7 +12,9 @@ def add_serve_parser(sub: argparse._SubParsersAction) -> None:
     from arcvit.cli import _add_backbone
     p = sub.add_parser("serve", help="serve every adapter under a folder on one backbone (HTTP API + web page)")
     source = p.add_mutually_exclusive_group(required=True)
-    source.add_argument("--adapters", help="folder with one adapter folder per task (its name = task)")
+    source.add_argument("--adapters", action="append", metavar="FOLDER_OR_TASK",
+                        help="folder with one adapter folder per task (its name = task), or NAME=hf-hub:ORG/NAME"
+                             "[@REVISION]: task NAME from a Hub repo (repeat for more; at most one folder)")
     source.add_argument("--onnx", metavar="FILE", help="an ONNX file written by `arcvit export`, run by ONNX Runtime "
                         "(its tasks are fixed: PUT/DELETE answer 409)")
     _add_backbone(p)
@@ -35,6 +37,7 @@ def add_serve_parser(sub: argparse._SubParsersAction) -> None:
 def _check(args: argparse.Namespace) -> None:
     """Every option parsed by its kind's validator (ASCII digits within bounds), in place."""
     from arcvit.serving import options
+    _adapter_entries(args)
     if args.adapters and not Path(args.adapters).is_dir():
         raise ConfigError(f"--adapters {args.adapters}: no such folder")
     if args.onnx and args.merged:
@@ -49,13 +52,35 @@ def _check(args: argparse.Namespace) -> None:
         options.default_hosts(args.host, args.token)
 
 
+def _adapter_entries(args: argparse.Namespace) -> None:
+    """--adapters entries split, in place: the one folder (PUT loads tasks by name from it) and the Hub tasks."""
+    from arcvit.hub.refs import is_hub_ref
+    from arcvit.serving.tasks import check_task_name
+    entries = [(e, *e.partition("=")) for e in args.adapters or []]
+    args.hub_tasks = {check_task_name(name): ref for _, name, _, ref in entries if is_hub_ref(ref)}
+    folders = [entry for entry, _, _, ref in entries if not is_hub_ref(ref)]
+    if len(folders) > 1:
+        raise ConfigError(f"--adapters: {len(folders)} folders ({', '.join(folders)}); give one folder, and Hub "
+                          "tasks as NAME=hf-hub:ORG/NAME")
+    args.adapters = folders[0] if folders else None
+
+
+def _hub_tasks(model, tasks: dict[str, str]) -> None:
+    """Add each Hub task (an error ends the command: the task was asked for by name)."""
+    from arcvit.serving.hub_tasks import add_from_hub
+    for name, reference in tasks.items():
+        _, pinned = add_from_hub(model, name, reference)
+        print(f"arcvit serve: task {name} from {pinned}", file=sys.stderr)
+
+
 def _multitask(args: argparse.Namespace):
     from arcvit.backends import create_backbone
     from arcvit.serving import MultiTask, load_tasks
     backbone = create_backbone(args.backbone, 0, checkpoint=args.checkpoint, pretrained=not args.random_init)
     model = MultiTask(backbone)
-    for error in load_tasks(model, Path(args.adapters)):
+    for error in load_tasks(model, Path(args.adapters)) if args.adapters else ():
         print(f"arcvit serve: warning: {error}", file=sys.stderr)
+    _hub_tasks(model, args.hub_tasks)
     if args.merged:
         model.set_merged(args.merged)
     print(f"arcvit serve: {len(model.tasks)} tasks on {args.backbone}: {', '.join(model.tasks) or '(none)'}",

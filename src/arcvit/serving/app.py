@@ -29,6 +29,7 @@ from starlette.exceptions import HTTPException
 
 from arcvit.errors import ArcvitError
 from arcvit.serving.batching import Batcher
+from arcvit.serving.hub_tasks import add_from_hub, hub_reference
 from arcvit.serving.images import UploadError, decode_image
 from arcvit.serving.limits import BodyLimit, BodyTooLarge
 from arcvit.serving.metrics import ServeMetrics
@@ -148,6 +149,11 @@ def _add_model_routes(app: FastAPI, model, settings: ServeSettings, metrics: Ser
     @app.put("/v1/tasks/{name}")
     async def load_task(name: str, request: Request):
         _check_write(request, settings)
+        reference = hub_reference(await request.body())
+        if reference is not None:  # {"source": "hf-hub:ORG/NAME[@REVISION]"}: pulled, checked, then added
+            info, pinned = await run_in_threadpool(add_from_hub, model, name, reference)
+            metrics.tasks.set(len(model.tasks))
+            return {"loaded": info.public(), "source": pinned}
         if settings.adapters is None:  # a model whose tasks are fixed (an ONNX file) says so
             raise HTTPException(409, getattr(model, "fixed", None) or
                                 "this server was started without an adapter folder to load from")
