@@ -111,3 +111,21 @@ def test_every_registered_block_spec_is_exercised_by_the_family_tests():
     assert {s.name for s in timm_specs} == {"timm.vit", "timm.beit", "timm.eva", "timm.swin"}
     for spec in timm_specs:
         assert any(issubclass(t, spec.block_types) for t in seen), f"{spec.name} is not exercised"
+
+
+HUB_MAY_IMPORT = ("arcvit.core", "arcvit.backends", "arcvit.export", "arcvit.hub", *SHARED, "arcvit")
+
+
+def test_hub_builds_on_core_and_imports_huggingface_hub_only_inside_functions():
+    """hub/ is read by cli and serving, so it imports neither (nor training, bench, data); huggingface_hub is
+    imported inside the functions that call it, never when the module loads."""
+    files = sorted((SRC / "hub").glob("*.py"))
+    assert files
+    for path in files:
+        for name in _imports(path):
+            if name.split(".")[0] == "arcvit":
+                assert name == "arcvit" or name.startswith(HUB_MAY_IMPORT), f"hub/{path.name} imports {name}"
+        top_level = {n.module if isinstance(n, ast.ImportFrom) else a.name
+                     for n in ast.parse(path.read_text()).body if isinstance(n, (ast.Import, ast.ImportFrom))
+                     for a in getattr(n, "names", [])}
+        assert not any(str(m).startswith("huggingface_hub") for m in top_level), path.name
