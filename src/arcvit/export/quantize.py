@@ -39,8 +39,11 @@ def _correct(session, batches: Batches, where: Path) -> tuple[int, int]:
     right = total = 0
     for inputs, labels in batches():
         logits = run(session, inputs)
-        if bool(torch.isnan(logits).any()):  # -inf is a many-task graph's padding; NaN is a broken model
-            raise ModelError(f"{where}: not written: its logits hold NaN on the evaluation split")
+        # -inf is a many-task graph's padding past a task's classes; NaN, +inf or a row without one finite
+        # logit is a broken model, whose argmax would read as a chance-level accuracy
+        if bool((torch.isnan(logits) | torch.isposinf(logits)).any() or not torch.isfinite(logits).any(-1).all()):
+            raise ModelError(f"{where}: not written: its logits are not finite (NaN/inf) on the evaluation split; "
+                             "no accuracy is reported from them")
         right += int((logits.argmax(-1) == labels).sum())
         total += len(labels)
     return right, total

@@ -11,7 +11,7 @@ from arcvit.data.transforms import build_transform
 from arcvit.errors import ConfigError, ModelError, first_line
 from arcvit.export import metadata
 from arcvit.export.check import run
-from arcvit.export.runtime import inference_session, onnxruntime
+from arcvit.export.runtime import inference_session, need, onnxruntime
 
 
 def _open(path: Path, threads: int):
@@ -31,7 +31,10 @@ class OnnxModel:
     def __init__(self, path: str | Path, threads: int = 0) -> None:
         self.path = Path(path)
         self.session = _open(self.path, threads)
-        self.document = metadata.parse(str(self.path), self.session.get_modelmeta().custom_metadata_map)
+        custom = self.session.get_modelmeta().custom_metadata_map
+        self.document = metadata.parse(str(self.path), custom)
+        metadata.verify(str(self.path), custom, need("onnx")[0].load(str(self.path)))
+        metadata.check_graph(str(self.path), self.session, self.document)
         self.many = self.document["kind"] == "many-task"
         self.tasks: list[dict[str, Any]] = self.document["tasks"]
         self.transform: Callable = build_transform(self.document["preprocessing"], recipe="timm", train=False)
@@ -40,7 +43,12 @@ class OnnxModel:
         """(B, C_max) logits; a many-task file's rows are -inf past their task's class count."""
         inputs = {"pixel_values": images.float().contiguous()}
         if self.many:
-            inputs["task_ids"] = torch.tensor(task_ids if task_ids is not None else [0] * len(images))
+            ids = list(task_ids) if task_ids is not None else [0] * len(images)
+            bad = [i for i in ids if not 0 <= i < len(self.tasks)]
+            if bad:  # a negative index would wrap around to another task's adapter in the graph's Gather
+                raise ConfigError(f"{self.path}: task index {bad[0]} is outside 0..{len(self.tasks) - 1} "
+                                  f"(the file holds {len(self.tasks)} tasks)")
+            inputs["task_ids"] = torch.tensor(ids, dtype=torch.int64)
         return run(self.session, inputs)
 
 

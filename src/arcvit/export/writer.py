@@ -15,6 +15,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from arcvit.core.merged_file import nonfinite_tensor
 from arcvit.errors import ConfigError, ModelError, first_line
 from arcvit.export import metadata
 from arcvit.export.check import check, describe_failure
@@ -69,6 +70,10 @@ def export_onnx(job: Job, out: Path, evaluation: Evaluation | None = None) -> di
     """Write ``job`` to ``out`` once it passes its check (and ``out``'s int8 sibling when ``evaluation`` is
     given); returns what was written, with the check's and the quantisation's figures."""
     onnx = need(*EXPORT_MODULES)[0]
+    bad = nonfinite_tensor(job.graph.state_dict())
+    if bad:  # as merge refuses them: every logit would be NaN, and the check would compare NaN with NaN
+        raise ModelError(f"{out}: not written: tensor {bad} holds non-finite values (NaN or inf); the adapter "
+                         "or head it came from is broken")
     proto = trace(job.graph, job.batches[-1], job.opset)
     metadata.stamp(proto, job.document)
     report = check(job.graph, inference_session(proto.SerializeToString()), job.batches, job.images)
