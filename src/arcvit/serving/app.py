@@ -1,7 +1,8 @@
 """The HTTP API and web page over a MultiTask model (FastAPI): an app factory, no global state.
 
 Routes: ``GET /`` (the page), ``GET /healthz``, ``GET /v1/tasks``, ``POST /v1/predict``,
-``PUT|DELETE /v1/tasks/{name}`` (load, reload or unload an adapter folder; need the token when one is set, and
+``PUT|DELETE /v1/tasks/{name}`` (load, reload or unload an adapter folder, or with ``{"source": "hf-hub:..."}`` a
+Hub repo's adapter; need the token when one is set, and
 a Host header naming this server, so that a DNS-rebinding web page cannot reach them) and ``GET /metrics``.
 Every error answers a JSON ``{"error": ...}``. Uploads are decoded by a pool of ``decode_workers`` threads, so
 that the memory decoding takes is bounded whatever the number of requests (README, "Serving"). The only state is the read-only model, so
