@@ -32,8 +32,9 @@ from arcvit.fileio import atomic_path, sha256_file, write_json, write_safetensor
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter.safetensors"
 FORMAT = "arcvit-adapter"
-FORMAT_VERSION = 2
-READABLE_VERSIONS = (1, 2)
+FORMAT_VERSION = 2  # the paper's ARC: unchanged since arcvit 0.2
+EXTENDED_VERSION = 3  # ARC+ (ARCConfig extensions on): an older arcvit refuses the file by its version
+READABLE_VERSIONS = (1, 2, 3)
 _V1_SITE = re.compile(r"^(?P<block>.+)\.(?P<host>attn|mlp)(?:\.(?:qkv|fc1))?\.adapter\.(?P<what>scale|bias)$")
 
 
@@ -84,7 +85,7 @@ def save_adapter(model: nn.Module, directory: str | Path, name: str | None = Non
         write_safetensors(weights_tmp, tensors, metadata={"format": FORMAT})
         write_json(config_tmp, {
             "format": FORMAT,
-            "format_version": FORMAT_VERSION,
+            "format_version": EXTENDED_VERSION if config.extended else FORMAT_VERSION,
             "arcvit_version": __version__,
             "arc_config": config.to_dict(),
             "backbone": {**backbone_identity(model), "fingerprint": backbone_fingerprint(model)},

@@ -102,21 +102,31 @@ def _check_mergeable(model: nn.Module, site: Site) -> None:
                                  "norm, so ARC's bias b could not be merged exactly; use ARCConfig(bias=False)")
 
 
-def _stage_dims(sites: list[Site], rank: int) -> list[int]:
-    dims: dict[int, int] = {}
-    for site in sites:
-        if dims.setdefault(site.stage, site.dim) != site.dim:
-            raise ModelError(f"{site.block_name}: width {site.dim} differs from the rest of its stage "
-                             f"({dims[site.stage]}); one shared projection per stage needs one width")
-    if rank > min(dims.values()):
-        raise ModelError(f"rank {rank} exceeds the model's width {min(dims.values())}: "
-                         "the shared projection D (width x rank) would have more columns than dimensions")
-    return [dims.get(s, 0) for s in range(max(dims) + 1)]
+def _stage_widths(sites: list[Site], config: ARCConfig) -> dict[str, list[int]]:
+    """Each position's input width per stage (0 for a stage it does not adapt): one shared D per stage and
+    position needs one width there; a rank (or private rank) above a width is refused."""
+    last = max(site.stage for site in sites)
+    widths: dict[str, list[int]] = {}
+    for position in config.positions:
+        dims: dict[int, int] = {}
+        for site in (s for s in sites if s.position == position):
+            if dims.setdefault(site.stage, site.dim) != site.dim:
+                raise ModelError(f"{site.block_name}: width {site.dim} differs from the rest of its stage "
+                                 f"({dims[site.stage]}); one shared projection per stage needs one width")
+        widths[position] = [dims.get(stage, 0) for stage in range(last + 1)]
+    narrowest = min(site.dim for site in sites)
+    for what, rank in (("rank", config.rank), ("private_rank", config.private_rank)):
+        if rank > narrowest:
+            raise ModelError(f"{what} {rank} exceeds the model's width {narrowest}: the projection (width x "
+                             f"{what}) would have more columns than dimensions")
+    return widths
 
 
 def _norm_wrapper(site: Site, state: ARCState) -> ARCSite | None:
     """The wrapper around the site's norm (impl "fused"), or None where that norm or block does not allow it."""
     attr = site.spec.places[site.position].norm
+    if attr is None:  # an added position (proj, fc2): no norm in front of it
+        return None
     current = getattr(site.block, attr)
     if isinstance(current, ARCNorm):
         return current
@@ -163,7 +173,7 @@ def apply_arc(model: nn.Module, config: ARCConfig | None = None, name: str = DEF
             _check_mergeable(model, site)
     reference = next(model.parameters())
     state = _state(model) or ARCState()
-    shared = ARCShared(_stage_dims(sites, config.rank), config, state)
+    shared = ARCShared(_stage_widths(sites, config), config, state)
 
     for p in model.parameters():
         p.requires_grad_(False)

@@ -11,6 +11,8 @@ which name is active or, for a batch whose items belong to different tasks, whic
 """
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -34,21 +36,35 @@ def slot_name(prefix: str, attr: str) -> str | None:
 
 
 class ARCShared(nn.Module):
-    """Shared down-projections, one per stage and position: ``att[stage]`` and ``mlp[stage]``, each d x r."""
+    """Shared down-projections, one per stage and position: ``att[stage]``, ``mlp[stage]`` (and ``proj``,
+    ``fc2`` where ``config.extra_positions`` adds them), each (the position's input width) x r."""
 
-    def __init__(self, stage_dims: list[int], config: ARCConfig, state: "ARCState") -> None:
+    def __init__(self, widths: dict[str, list[int]], config: ARCConfig, state: "ARCState") -> None:
         super().__init__()
         self.config = config
         object.__setattr__(self, "state", state)  # shared with every site wrapper, outside the module tree
-        rank, positions = config.rank, config.positions
-        self.att = nn.ParameterList([nn.Parameter(torch.empty(d, rank)) for d in stage_dims])
-        self.mlp = nn.ParameterList(
-            [nn.Parameter(torch.empty(d, rank)) for d in stage_dims] if "mlp" in positions else [])
+        for position in config.positions:
+            self.add_module(position, nn.ParameterList(
+                [nn.Parameter(torch.empty(d, config.rank)) for d in widths[position]]))
         for p in self.parameters():
-            nn.init.xavier_uniform_(p)
+            init_basis(p, config.basis_init)
 
     def down(self, position: str, stage: int) -> nn.Parameter:
         return getattr(self, position)[stage]
+
+
+@torch.no_grad()
+def init_basis(down: torch.Tensor, how: str) -> None:
+    """xavier-uniform (the paper's), or orthonormal columns scaled to xavier's expected norm (``orthogonal``, and
+    ``data`` until ``arcvit.core.basis`` sets the principal directions), so that only the directions differ."""
+    if down.is_meta or down.numel() == 0:  # a shape check (meta), or a stage the position skips: nothing to draw
+        return
+    if how == "xavier":
+        nn.init.xavier_uniform_(down)
+        return
+    width, rank = down.shape
+    nn.init.orthogonal_(down)
+    down.mul_((2 * width / (width + rank)) ** 0.5)
 
 
 class ARCAdapter(nn.Module):
@@ -64,12 +80,22 @@ class ARCAdapter(nn.Module):
         config = shared.config
         rank = config.rank
         self.position, self.stage = position, stage
-        self.lowrank = config.impl == "lowrank"  # used where the adapter sits in front of a single Linear
+        # used where the adapter sits in front of a single Linear (the extensions take the composed path)
+        self.lowrank = config.impl == "lowrank" and not (config.channel_scale or config.private_rank)
         self.scale = nn.Parameter(torch.zeros(rank))
-        if position == "mlp":  # the paper: xavier-uniform on a 1 x r matrix at the MLP, zeros at attention
+        # the paper: xavier-uniform on a 1 x r matrix at the MLP, zeros at attention; the added positions start
+        # at zero (the model starts as the backbone there)
+        if position == "mlp" or (position == "att" and config.att_scale_init == "random"):
             nn.init.xavier_uniform_(self.scale.view(1, rank))
         self.bias = nn.Parameter(torch.zeros(dim)) if config.bias else None
         self.dropout = nn.Dropout(config.dropout)
+        self.channel = nn.Parameter(torch.zeros(dim)) if config.channel_scale else None
+        self.private_down = self.private_up = None
+        if config.private_rank:
+            self.private_down = nn.Parameter(torch.empty(dim, config.private_rank))
+            nn.init.xavier_uniform_(self.private_down)
+            self.private_up = nn.Parameter(torch.zeros(dim, config.private_rank))
+        self.extended = config.channel_scale or config.private_rank > 0
 
     @property
     def down_proj(self) -> nn.Parameter:
@@ -83,19 +109,35 @@ class ARCAdapter(nn.Module):
         if not torch.is_grad_enabled() and not (self.dropout.training and self.dropout.p > 0):
             return self._infer(x)
         h = x + self.project(x) @ self.down_proj.t()
+        if self.extended:
+            h = h + self._extensions(x)
         return h + self.bias if self.bias is not None else h
+
+    def _extensions(self, x: torch.Tensor) -> torch.Tensor:
+        """ARC+'s terms beside the shared basis: x * s and dropout(x P) Q^T (``ARCConfig`` extensions)."""
+        out = x * self.channel if self.channel is not None else torch.zeros_like(x)
+        if self.private_down is not None:
+            out = out + self.dropout(x @ self.private_down) @ self.private_up.t()
+        return out
 
     def _infer(self, x: torch.Tensor) -> torch.Tensor:
         """The forward without autograd or dropout: one fused multiply-add and the bias added in place."""
         down, flat = self.down_proj, x.reshape(-1, x.shape[-1])
         h = torch.addmm(flat, flat @ (down * self.scale), down.t())
+        if self.extended:
+            h.add_(self._extensions(flat))
         return (h.add_(self.bias) if self.bias is not None else h).view(x.shape)
 
     @torch.no_grad()
     def fold(self, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """For a Linear ``W`` reading the adapted input: ``W (I + D diag(c) D^T)`` and ``W b``."""
+        """For a Linear ``W`` reading the adapted input ``x A + b``: ``W A^T`` and ``W b``, where
+        ``A = I + D diag(c) D^T (+ diag(s) + P Q^T)``."""
         d = self.down_proj.to(weight.dtype)
         folded = weight + (weight @ d) * self.scale.to(weight.dtype) @ d.t()
+        if self.channel is not None:
+            folded += weight * self.channel.to(weight.dtype)
+        if self.private_down is not None:
+            folded += (weight @ self.private_up.to(weight.dtype)) @ self.private_down.to(weight.dtype).t()
         shift = weight @ self.bias.to(weight.dtype) if self.bias is not None else None
         return folded, shift
 
@@ -148,6 +190,7 @@ class ARCState:
     def __init__(self) -> None:
         self.active: str | None = None
         self.route: Route | None = None
+        self.capture: Callable[["ARCSite", torch.Tensor], None] | None = None  # sees every site input (basis.py)
 
 
 class ARCSite(nn.Module):
@@ -173,6 +216,8 @@ class ARCSite(nn.Module):
         return None if self.state.route is not None else self.get(self.state.active)
 
     def adapt(self, x: torch.Tensor) -> torch.Tensor:
+        if self.state.capture is not None:
+            self.state.capture(self, x)
         route = self.state.route
         name = self.state.active if route is None else route.single
         if route is None or name is not None:
@@ -197,10 +242,26 @@ class ARCSite(nn.Module):
         rows = x.reshape(route.size, -1, width)
         codes = torch.bmm(rows, down) * scale[:, None, :]
         out = torch.baddbmm(rows, codes, down.transpose(1, 2))
+        self._add_mixed_extensions(out, rows, adapters, route)
         biases = _each(adapters, "bias")
         if any(b is not None for b in biases):
             out.add_(_stack(biases, (width,), x).index_select(0, route.ids)[:, None, :])
         return out.view(x.shape)
+
+    @staticmethod
+    def _add_mixed_extensions(out: torch.Tensor, rows: torch.Tensor, adapters: list["ARCAdapter | None"],
+                              route: Route) -> None:
+        """ARC+'s per-channel scales and private terms, gathered per item like D and c (zeros where absent)."""
+        width = rows.shape[-1]
+        channels = _each(adapters, "channel")
+        if any(s is not None for s in channels):
+            out.addcmul_(rows, _stack(channels, (width,), rows).index_select(0, route.ids)[:, None, :])
+        downs, ups = _each(adapters, "private_down"), _each(adapters, "private_up")
+        if any(p is not None for p in downs):
+            rank = max(p.shape[1] for p in downs if p is not None)
+            down = _stack(downs, (width, rank), rows).index_select(0, route.ids)
+            up = _stack(ups, (width, rank), rows).index_select(0, route.ids)
+            out.baddbmm_(torch.bmm(rows, down), up.transpose(1, 2))
 
     def __getattr__(self, name: str):
         try:
@@ -249,6 +310,6 @@ class ARCNorm(ARCSite):
         adapter = self.current()
         if adapter is None:  # a routed (mixed-task) batch, or no active adapter here: the composed path
             return self.adapt(self.inner(y))
-        if torch.is_grad_enabled() and not torch.is_autocast_enabled(y.device.type):
+        if torch.is_grad_enabled() and not torch.is_autocast_enabled(y.device.type) and not adapter.extended:
             return lean_norm_adapter(self.inner, adapter, y)  # the Function is fp32-exact without autocast only
         return adapter(self.inner(y))

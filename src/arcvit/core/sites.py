@@ -82,8 +82,15 @@ def _single_linear(spec: BlockSpec, host: nn.Module, position: str) -> str | Non
 
 def _site(index: int, name: str, block: nn.Module, stage: int, position: str) -> Site:
     spec = block_spec_for(block)
-    place = spec.places[position]
-    host = unwrapped(getattr(block, place.host))
+    place = spec.places.get(position)
+    host = unwrapped(getattr(block, place.host)) if place is not None else None
+    if place is None or place.norm is None:  # an added position: always its one Linear, inside the host
+        attr = _single_linear(spec, host, position) if host is not None else None
+        if attr is None:
+            raise ModelError(f"{name} ({type(block).__name__}): ARC+ position {position!r} is not defined for "
+                             f"this block family ({spec.name}); leave it out of extra_positions")
+        linear = unwrapped(getattr(host, attr))
+        return Site(index, name, block, spec, stage, position, host, attr, linear.in_features, True)
     attr = None if _is_wrapper(getattr(block, place.host)) else _single_linear(spec, host, position)
     if attr is not None:
         linear = unwrapped(getattr(host, attr))

@@ -59,10 +59,16 @@ def own_bias(linear: nn.Linear, is_key: bool = False) -> list[BiasSlot]:
 
 @dataclass(frozen=True)
 class Place:
-    """Where one position's input is read in a block: the norm that produces it and the module that reads it."""
+    """Where one position's input is read in a block: the norm that produces it (None for the added positions
+    ``proj`` and ``fc2``, whose input comes from inside the attention or MLP) and the module that reads it."""
 
-    norm: str
+    norm: str | None
     host: str
+
+
+# ARC+'s added positions (``ARCConfig.extra_positions``): the input of the attention's output projection and of
+# the MLP's second Linear, each read by one Linear of the host; a family that defines them lists them here.
+EXTRA_PLACES = {"proj": Place(None, "attn"), "fc2": Place(None, "mlp")}
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,7 @@ import torch.nn as nn
 
 from arcvit.core.adapter_file import load_adapter, read_adapter_config
 from arcvit.core.arc import classifier, routed
+from arcvit.core.config import ARCConfig
 from arcvit.errors import ModelError
 
 
@@ -64,7 +65,7 @@ def task_entry(name: str, meta: dict[str, Any]) -> dict[str, Any]:
     extra = meta.get("extra") or {}
     names = extra.get("class_names") or meta.get("class_names") or [str(i) for i in range(classes)]
     config = meta.get("arc_config")
-    method = None if config is None else "ARC_att" if config.get("mode") == "arc_att" else "ARC"
+    method = None if config is None else ARCConfig.from_dict(config).label
     return {"name": name, "num_classes": classes, "class_names": [str(n) for n in names], "method": method,
             "rank": None if config is None else int(config["rank"]), "trained_on": extra.get("task") or meta.get("task"),
             "adapter_sha256": meta.get("weights_sha256")}

@@ -15,7 +15,7 @@ import torch.nn as nn
 
 from arcvit.core.arc import apply_arc, classifier, is_adapted
 from arcvit.core.arc import merge as merge_arc
-from arcvit.core.config import ARCConfig
+from arcvit.core.config import EXTENSION_DEFAULTS, ARCConfig
 from arcvit.core.sites import find_blocks
 from arcvit.errors import ConfigError, ModelError
 from arcvit.methods.adaptformer import add_adaptformer, has_adaptformer
@@ -41,6 +41,7 @@ class Options:
     targets: tuple[str, ...]
     head: str
     impl: str | None = None  # ARC's impl (None: ARCConfig's default)
+    arc_options: dict | None = None  # ARC's extensions (ARCConfig fields beyond the paper's; arc and arc_plus)
 
 
 @dataclass(frozen=True)
@@ -70,9 +71,29 @@ def _zero_head(model: nn.Module, head: str) -> nn.Module:
     return module
 
 
+# ARC+ (``arc_plus``): the paper's ARC with the extensions the validation ablations chose (docs/ablations.md).
+ARC_PLUS = {"extra_positions": ("proj", "fc2"), "channel_scale": True}
+
+
+def arc_settings(method: str, arc_options: dict | None = None) -> dict:
+    """The ARCConfig fields a method of the ARC family fixes (mode, ARC+'s extensions), with ``arc_options`` over
+    them; refuses an option that is no ARC extension."""
+    unknown = sorted(set(arc_options or {}) - set(EXTENSION_DEFAULTS))
+    if unknown:
+        raise ConfigError(f"unknown ARC option(s) {', '.join(unknown)}; choose from {', '.join(EXTENSION_DEFAULTS)}")
+    fixed = {"mode": "arc", **ARC_PLUS} if method == "arc_plus" else {"mode": method}
+    return fixed | dict(arc_options or {})
+
+
 def _prepare_arc(model: nn.Module, o: Options) -> nn.Module:
     impl = {"impl": o.impl} if o.impl is not None else {}
-    return apply_arc(model, ARCConfig(rank=o.rank, mode=o.method, dropout=o.dropout, zero_head=True, **impl))
+    return apply_arc(model, ARCConfig(rank=o.rank, dropout=o.dropout, zero_head=True,
+                                      **arc_settings(o.method, o.arc_options), **impl))
+
+
+def is_arc_method(method: str) -> bool:
+    """Whether ``method`` trains ARC adapters (saved as an adapter folder, served and exported as ARC)."""
+    return method_spec(method).prepare is _prepare_arc
 
 
 def _check_peft_rank(model: nn.Module, o: Options) -> None:
@@ -136,6 +157,9 @@ SPECS: dict[str, MethodSpec] = {spec.name: spec for spec in (
                _prepare_arc, merge_arc, ARCConfig.rank, ARCConfig.dropout),
     MethodSpec("arc_att", True, "ARC on the attention inputs only, + head", _prepare_arc, merge_arc,
                ARCConfig.rank, ARCConfig.dropout),
+    MethodSpec("arc_plus", True, "ARC+: ARC also before the attention's output projection and fc2, with a "
+               "per-channel scale at every site; folds like ARC, + head", _prepare_arc, merge_arc,
+               ARCConfig.rank, ARCConfig.dropout),
     MethodSpec("linear", True, "linear probing: the head only", _train_only(lambda n: False), _copy),
     MethodSpec("full", True, "full fine-tuning: every parameter", _train_only(lambda n: True), _copy),
     MethodSpec("bitfit", True, "BitFit: every bias term, + head",
@@ -195,22 +219,26 @@ def _check_options(spec: MethodSpec, rank: int | None, dropout: float | None) ->
 
 
 def prepare_model(model: nn.Module, method: str, *, rank: int | None = None, dropout: float | None = None,
-                  targets: tuple[str, ...] = DEFAULT_TARGETS, impl: str | None = None) -> nn.Module:
+                  targets: tuple[str, ...] = DEFAULT_TARGETS, impl: str | None = None,
+                  arc_options: dict | None = None) -> nn.Module:
     """Set a model up to be fine-tuned with ``method`` and return the module to train.
 
     ``model`` is changed in place; for LoRA and VeRA the module returned is PEFT's wrapper around it. Every
     method zeroes the classifier head and trains it. ``rank`` and ``dropout`` default to the method's own
     (``SPECS[method]``); ``targets`` names the Linear layers LoRA and VeRA adapt (module-name suffixes);
-    ``impl`` is how ARC computes its adapter (``ARCConfig.impl``).
+    ``impl`` is how ARC computes its adapter (``ARCConfig.impl``); ``arc_options`` sets ARC's extensions
+    (``ARCConfig`` fields beyond the paper's, over arc_plus's own).
     """
     spec = method_spec(method)
     _check_options(spec, rank, dropout)
-    if impl is not None and spec.prepare is not _prepare_arc:
-        raise ConfigError(f"{method} has no ARC impl to set")
+    for name, value in (("impl", impl), ("arc_options", arc_options)):
+        if value and spec.prepare is not _prepare_arc:
+            raise ConfigError(f"{method} has no ARC {name} to set")
     if _has_adapters(model):
         raise ModelError(f"{type(model).__name__} already carries adapters; prepare a fresh backbone")
     options = Options(method, spec.default_rank if rank is None else rank,
-                      spec.default_dropout if dropout is None else dropout, tuple(targets), _head_name(model), impl)
+                      spec.default_dropout if dropout is None else dropout, tuple(targets), _head_name(model), impl,
+                      arc_options)
     return spec.prepare(model, options)
 
 

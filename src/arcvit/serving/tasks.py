@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from arcvit.core.config import ARCConfig
 from arcvit.errors import ConfigError
 
 ALL = "all"  # the task name that asks for every loaded task
@@ -39,9 +40,9 @@ class TaskInfo:
         names = (meta.get("extra") or {}).get("class_names") or meta.get("class_names")
         if not isinstance(names, list) or len(names) != num_classes:
             names = [str(i) for i in range(num_classes)]
-        config = meta["arc_config"]
-        return cls(name, num_classes, tuple(map(str, names)), "ARC_att" if config.get("mode") == "arc_att" else "ARC",
-                   int(config["rank"]), str(meta["backbone"]["name"]), directory)
+        config = ARCConfig.from_dict(meta["arc_config"])
+        return cls(name, num_classes, tuple(map(str, names)), config.label, config.rank, str(meta["backbone"]["name"]),
+                   directory)
 
     def public(self) -> dict[str, Any]:
         return {"name": self.name, "num_classes": self.num_classes, "class_names": list(self.class_names),

@@ -8,7 +8,8 @@ from typing import Any
 from arcvit.errors import ConfigError
 
 ARC_IMPLS = ("fused", "sequential", "lowrank")
-from arcvit.methods.registry import SPECS
+from arcvit.core.config import ARCConfig
+from arcvit.methods.registry import SPECS, arc_settings, is_arc_method
 
 PROTOCOL_SPLITS = {  # layout -> protocol -> (train, val, test)
     "vtab": {"final": ("train800val200", None, "test"), "select": ("train800", "val200", "test")},
@@ -45,6 +46,7 @@ class TrainConfig:
     compile: bool = False  # torch.compile the training module (docs/speed/: measured, not a win on CPU)
     drop_path: float = 0.0
     eval_batch_size: int = 256
+    arc_options: dict | None = None  # ARC's extensions over the method's own (ARCConfig fields; docs/methods.md)
 
     def __post_init__(self) -> None:
         positive = ("lr", "batch_size", "epochs", "devices", "num_nodes", "eval_batch_size")
@@ -81,6 +83,17 @@ class TrainConfig:
             raise ConfigError(f"arc_impl must be one of {', '.join(ARC_IMPLS)}, got {self.arc_impl!r}")
         if self.rank is not None and self.rank < 1:
             raise ConfigError(f"rank must be a positive integer, got {self.rank!r}")
+        self._check_arc_options()
+
+    def _check_arc_options(self) -> None:
+        """ARC's extensions: only for the ARC family, each an ARCConfig field checked as ARCConfig checks it."""
+        if not self.arc_options:
+            return
+        if not isinstance(self.arc_options, dict):
+            raise ConfigError(f"arc_options must be a table of ARC settings, got {self.arc_options!r}")
+        if not is_arc_method(self.method):
+            raise ConfigError(f"arc_options apply to arc, arc_att and arc_plus, not to {self.method}")
+        ARCConfig(**arc_settings(self.method, self.arc_options))
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], source: str = "config") -> "TrainConfig":

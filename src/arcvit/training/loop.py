@@ -33,12 +33,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 from lightning_fabric import Fabric
 from lightning_fabric.utilities.seed import seed_everything
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
 from arcvit import __version__
 from arcvit.backends import create_backbone
 from arcvit.core.adapter_file import save_adapter
-from arcvit.core.arc import is_adapted
+from arcvit.core.arc import arc_config, is_adapted, shared_sets
+from arcvit.core.basis import init_basis_from_data
 from arcvit.core.params import parameter_breakdown
 from arcvit.core.sites import find_blocks
 from arcvit.data.layouts import detect_layout, load_split, warn_unseen_classes
@@ -55,6 +56,9 @@ from arcvit.training.finite import nonfinite_error, nonfinite_items
 from arcvit.training.progress import EpochProgress
 from arcvit.training.runfolder import check_resumable, refuse_to_overwrite, run_lock, started_impl, write_metrics
 from arcvit.training.runmodel import save_trainable
+
+DATA_INIT_IMAGES = 256  # training images whose site inputs set ARC's data-aware bases (basis_init="data")
+
 
 class _Shard(torch.utils.data.Sampler):
     """Every ``world``-th index from ``rank``, with no padding, so that distributed evaluation counts each
@@ -229,7 +233,9 @@ def _load(backbone: str, data: DataSpec, cfg: TrainConfig, checkpoint: str | Pat
         if role in splits:
             warn_unseen_classes(splits["train"], splits[role])
     model.reset_classifier(splits["train"].num_classes)
-    model = prepare_model(model, cfg.method, rank=cfg.rank, dropout=cfg.adapter_dropout, impl=cfg.arc_impl)
+    model = prepare_model(model, cfg.method, rank=cfg.rank, dropout=cfg.adapter_dropout, impl=cfg.arc_impl,
+                          arc_options=cfg.arc_options)
+    _init_bases_from_data(model, splits["train"])
     if cfg.grad_checkpointing and hasattr(model, "set_grad_checkpointing"):
         model.set_grad_checkpointing(True)
     weights = Path(checkpoint) if checkpoint else None
@@ -246,6 +252,26 @@ def _load(backbone: str, data: DataSpec, cfg: TrainConfig, checkpoint: str | Pat
         "skipped_images": {role: [str(p) for p, _ in getattr(ds, "skipped", [])] for role, ds in splits.items()},
     }
     return model, splits, settings
+
+
+def _init_bases_from_data(model: nn.Module, train: Dataset) -> None:
+    """ARC's ``basis_init="data"``: each shared D from the first training images' site inputs (no labels; on
+    resume the checkpoint's D replaces it)."""
+    if is_adapted(model) and arc_config(model).basis_init == "data":
+        loader = DataLoader(Subset(train, range(min(DATA_INIT_IMAGES, len(train)))), batch_size=64)
+        init_basis_from_data(model, (images for images, _ in loader))
+
+
+def _parameter_groups(model: nn.Module, cfg: TrainConfig) -> list[dict[str, Any]]:
+    """The trained parameters, ARC's shared bases in a group of their own where ``shared_lr_scale`` sets their
+    learning rate apart (the schedule scales every group's rate alike)."""
+    trained = [p for p in model.parameters() if p.requires_grad]
+    scale = arc_config(model).shared_lr_scale if is_adapted(model) else 1.0
+    if scale == 1.0:
+        return [{"params": trained}]
+    shared = {id(p) for s in shared_sets(model).values() for p in s.parameters()}
+    return [{"params": [p for p in trained if id(p) not in shared]},
+            {"params": [p for p in trained if id(p) in shared], "lr": cfg.lr * scale}]
 
 
 def _make_fabric(cfg: TrainConfig, model: nn.Module, out: Path) -> Fabric:
@@ -275,8 +301,7 @@ def _set_up(model: nn.Module, splits: dict[str, Dataset], cfg: TrainConfig, out:
         raise ConfigError(f"batch_size {cfg.batch_size} is larger than the training split "
                           f"({len(splits['train'])} images)")
     names = {n for n, p in model.named_parameters() if p.requires_grad}
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
-                                  weight_decay=cfg.weight_decay)
+    optimizer = torch.optim.AdamW(_parameter_groups(model, cfg), lr=cfg.lr, weight_decay=cfg.weight_decay)
     wrapped, optimizer = fabric.setup(_compiled(model) if cfg.compile else model, optimizer)
     sampler = DistributedSampler(splits["train"], num_replicas=fabric.world_size, rank=fabric.global_rank,
                                  shuffle=True, seed=cfg.seed, drop_last=False)

@@ -13,6 +13,7 @@ from typing import Any, Iterator
 
 from arcvit.errors import ConfigError
 from arcvit.fileio import write_text
+from arcvit.methods import is_arc_method
 from arcvit.training.config import RUNTIME_FIELDS, TrainConfig
 
 try:
@@ -107,7 +108,7 @@ def started_impl(out: Path, cfg: TrainConfig) -> TrainConfig:
         before = json.loads((out / "settings.json").read_text())["train"]
     except (OSError, ValueError, KeyError, TypeError):
         return cfg
-    if cfg.method in ("arc", "arc_att") and "arc_impl" not in before and cfg.arc_impl is None:
+    if is_arc_method(cfg.method) and "arc_impl" not in before and cfg.arc_impl is None:
         return replace(cfg, arc_impl="sequential")
     return cfg
 

@@ -3,7 +3,7 @@ from what ``arcvit train`` saved (``arcvit merge --run``).
 
 The run's ``settings.json`` says how its backbone was made (name, checkpoint and its SHA-256, pretrained or
 seeded random weights) and how the method was set up (method, rank, dropout, ARC's impl, seed); the trained
-tensors are ``adapter/`` for ARC and ``trainable.safetensors`` for every other method. The backbone is created
+tensors are ``adapter/`` for the ARC family (arc, arc_att, arc_plus) and ``trainable.safetensors`` for every other method. The backbone is created
 under the run's seed exactly as training created it, so a randomly initialised one is the same too.
 """
 from __future__ import annotations
@@ -21,7 +21,7 @@ from arcvit.core import headers
 from arcvit.core.adapter_file import load_adapter, read_adapter_config
 from arcvit.errors import ConfigError, ModelError
 from arcvit.fileio import sha256_file, write_safetensors
-from arcvit.methods import method_spec, prepare_model, trainable_state_dict
+from arcvit.methods import is_arc_method, method_spec, prepare_model, trainable_state_dict
 from arcvit.training.config import TrainConfig
 
 TRAINABLE_FILE = "trainable.safetensors"
@@ -133,11 +133,12 @@ def load_run(run: str | Path, checkpoint: str | None = None) -> tuple[nn.Module,
     model = create_backbone(settings["backbone"], num_classes=1, checkpoint=weights,
                             pretrained=bool(settings.get("pretrained", True)), drop_path_rate=cfg.drop_path)
     model.reset_classifier(int(settings["num_classes"]))
-    if cfg.method in ("arc", "arc_att"):
+    if is_arc_method(cfg.method):
         load_adapter(model, run / ADAPTER_DIR)
         names = (read_adapter_config(run / ADAPTER_DIR).get("extra") or {}).get("class_names")
     else:
-        model = prepare_model(model, cfg.method, rank=cfg.rank, dropout=cfg.adapter_dropout)
+        model = prepare_model(model, cfg.method, rank=cfg.rank, dropout=cfg.adapter_dropout,
+                              arc_options=cfg.arc_options)
         names = _load_trainable(model, run / TRAINABLE_FILE)
     results = _read_json(run / "results.json")
     info = {"backbone": settings["backbone"], "num_classes": int(settings["num_classes"]), "class_names": names,

@@ -202,7 +202,8 @@ def _check_model(job: TuneJob, corners: list[TrainConfig], num_classes: int) -> 
     for cfg in {(c.rank, c.arc_impl): c for c in corners}.values():
         with torch.device("meta"):
             model = create_backbone(job.backbone, num_classes=num_classes, pretrained=False)
-            prepare_model(model, cfg.method, rank=cfg.rank, dropout=cfg.adapter_dropout, impl=cfg.arc_impl)
+            prepare_model(model, cfg.method, rank=cfg.rank, dropout=cfg.adapter_dropout, impl=cfg.arc_impl,
+                          arc_options=cfg.arc_options)
 
 
 def shown_url(url: str) -> str:

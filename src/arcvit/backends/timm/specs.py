@@ -13,7 +13,7 @@ from timm.models.eva import EvaBlock
 from timm.models.swin_transformer import SwinTransformerBlock, WindowAttention
 from timm.models.vision_transformer import Block as VitBlock
 
-from arcvit.core.specs import BiasSlot, BlockSpec, Reader, own_bias, register_block_spec
+from arcvit.core.specs import EXTRA_PLACES, BiasSlot, BlockSpec, Place, Reader, own_bias, register_block_spec
 
 
 def _fused_qkv_slots(qkv: nn.Linear, owner: nn.Module | None, q_name: str = "", v_name: str = "") -> list[BiasSlot]:
@@ -39,14 +39,24 @@ def _mlp_readers(mlp: nn.Module) -> list[Reader]:
     return [Reader(mlp.fc1, own_bias(mlp.fc1))]  # Mlp, GluMlp
 
 
+OUTPUT_LINEARS = {"proj": "proj", "fc2": "fc2"}  # ARC+'s added positions: the Linear that reads each
+
+
 def readers(host: nn.Module, position: str) -> list[Reader]:
+    if position in OUTPUT_LINEARS:
+        linear = getattr(host, OUTPUT_LINEARS[position])
+        return [Reader(linear, own_bias(linear))]
     found = _attention_readers(host) if position == "att" else _mlp_readers(host)
     gate = getattr(host, "gate", None)
     return found + [Reader(gate, own_bias(gate))] if isinstance(gate, nn.Linear) else found
 
 
 def single_linear(host: nn.Module, position: str) -> str | None:
-    """``qkv`` of a plain ViT/Swin attention, ``fc1`` of a plain MLP: the only reader, called as a module."""
+    """``qkv`` of a plain ViT/Swin attention, ``fc1`` of a plain MLP: the only reader, called as a module;
+    ``proj`` and ``fc2`` for the added positions."""
+    if position in OUTPUT_LINEARS:
+        return OUTPUT_LINEARS[position] if isinstance(getattr(host, OUTPUT_LINEARS[position], None), nn.Linear) \
+            else None
     if position == "att":
         plain = isinstance(host, (VitAttention, WindowAttention)) and getattr(host, "gate", None) is None
         return "qkv" if plain else None
@@ -69,7 +79,9 @@ def swin_norm_feeds_site(block: nn.Module, position: str) -> bool:
     return not getattr(block, "dynamic_mask", False) and height % window[0] == 0 and width % window[1] == 0
 
 
-SPECS = tuple(register_block_spec(BlockSpec(name, types, readers, single_linear, key_bias_is_invariant, **extra))
+PLACES = {"att": Place("norm1", "attn"), "mlp": Place("norm2", "mlp"), **EXTRA_PLACES}
+SPECS = tuple(register_block_spec(BlockSpec(name, types, readers, single_linear, key_bias_is_invariant,
+                                            places=PLACES, **extra))
               for name, types, extra in (("timm.vit", (VitBlock,), {}), ("timm.beit", (BeitBlock,), {}),
                                          ("timm.eva", (EvaBlock,), {}),
                                          ("timm.swin", (SwinTransformerBlock,),
