@@ -194,7 +194,6 @@ def _without(argv: list[str], *flags: str) -> list[str]:
     ((), "[methods.arc]\nrank = {low = 4, high = 4096}\n", "rank 4096 exceeds the model's width 128"),
     (("--storage", "sqlite://"), None, "an in-memory SQLite database ends with the process"),
     (("--storage", "sqlite:///:memory:"), None, "an in-memory SQLite database ends with the process"),
-    (("--storage", "not a url"), None, "--storage 'not a url': not a database URL"),
     (("--accelerator", "cuda"), None, "--accelerator cuda: no CUDA GPU is visible"),
     (("--checkpoint", "/nonexistent/nope.pth"), None, "/nonexistent/nope.pth: no such checkpoint file"),
     (("--batch-size", "1000"), None, "batch_size 1000 (the largest a trial can get) is larger than the training "
@@ -410,12 +409,58 @@ def test_workers_that_start_together_draw_different_settings(tiny_data, tmp_path
 
 
 def test_messages_hide_a_storage_password_and_postgres_gets_a_connect_timeout():
-    from arcvit.training.tune import _engine_options, shown_url
+    from arcvit.training.storage_url import engine_options, shown_url
     assert shown_url("postgresql://arc:s3cret@db.example:5432/studies") == "postgresql://arc:***@db.example:5432/studies"
     assert shown_url("sqlite:////tmp/x.db") == "sqlite:////tmp/x.db"
-    assert _engine_options("postgresql://arc:s3cret@db/studies") == {"connect_args": {"connect_timeout": 10}}
-    assert _engine_options("postgresql://db/studies?connect_timeout=3") == {}
-    assert _engine_options("sqlite:////tmp/x.db") == {}
+    assert shown_url("postgresql://db/s?sslmode=require&password=s3cret&PGPASSWORD=s3cret#x") == \
+        "postgresql://db/s?sslmode=require&password=***&PGPASSWORD=***#x"
+    assert shown_url("postgresql://arc:s3@c:ret@db/s") == "postgresql://arc:***@db/s"  # an unencoded @ or :
+    assert shown_url("arc:s3cret@db") == "arc:***@db"  # no scheme: still hidden
+    assert engine_options("postgresql://arc:s3cret@db/studies") == {"connect_args": {"connect_timeout": 10}}
+    assert engine_options("postgresql://db/studies?connect_timeout=3") == {}
+    assert engine_options("sqlite:////tmp/x.db") == {}
+
+
+@pytest.mark.parametrize("url, message", [
+    ("not a url", "argument --storage: 'not a url': not a database URL (e.g. sqlite:////path/study.db"),
+    ("postgresql://arc:s3cret@db.example:port/studies?password=s3cret",
+     "argument --storage: 'postgresql://arc:***@db.example:port/studies?password=***': not a database URL: its "
+     "port is not a number"),
+])
+def test_a_storage_url_that_does_not_parse_is_argparses_one_line(url, message, tiny_data, tmp_path, capsys):
+    from arcvit.cli import main
+    with pytest.raises(SystemExit) as e:
+        main(tune_args(tiny_data, tmp_path / "study", "--trials", "2", "--storage", url))
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("arcvit tune: error: ") and message in err and "s3cret" not in err, err
+    assert not (tmp_path / "study").exists()
+
+
+def test_bench_tune_parses_its_storage_url_the_same_way(capsys):
+    from arcvit.cli import main
+    with pytest.raises(SystemExit) as e:
+        main(["bench", "--storage", "postgresql://arc:s3cret@db:5432x/studies"])
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert e.value.code == 2 and "s3cret" not in err
+    assert err == ("arcvit bench: error: argument --storage: 'postgresql://arc:***@db:5432x/studies': not a database "
+                   "URL: its port is not a number (e.g. sqlite:////path/study.db, postgresql://host/db) (see arcvit "
+                   "bench --help)")
+
+
+@pytest.mark.parametrize("url, shown", [
+    ("postgresql://arc:s3cret@127.0.0.1:1/studies?password=s3cret",
+     "storage 'postgresql://arc:***@127.0.0.1:1/studies?password=***' cannot be opened"),
+    ("sqlite:////nonexistent-dir/x.db?sslpassword=s3cret", "storage 'sqlite:////nonexistent-dir/x.db?sslpassword=***' "
+                                                           "cannot be opened"),
+])
+@pytest.mark.filterwarnings("ignore:Query string argument")  # SQLite ignores the parameter, and says so
+def test_a_storage_that_cannot_be_opened_never_shows_its_password(url, shown, tiny_data, tmp_path, capsys):
+    """No database is needed: the driver is missing or the server refuses, and the message names the URL."""
+    from arcvit.cli import main
+    err = one_line_error(capsys, main(tune_args(tiny_data, tmp_path / "study", "--trials", "2", "--storage", url)),
+                         shown)
+    assert "s3cret" not in err
 
 
 def test_a_worker_that_loses_the_race_to_create_the_tables_opens_the_storage(tmp_path, monkeypatch):

@@ -13,6 +13,7 @@ from arcvit.bench.runner import SUITE_RUNS, run_bench
 from arcvit.cli import bounds
 from arcvit.errors import ArcvitError
 from arcvit.methods import METHODS
+from arcvit.training.storage_url import storage_flag
 
 if TYPE_CHECKING:
     from arcvit.bench.ray_executor import RayExecutor
@@ -94,7 +95,7 @@ def add_bench_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--tune", type=bounds.TRIALS, metavar="N", help="first tune every (task, method) with the same N trials "
                                                          "of `arcvit tune` on validation, then run the tuned settings")
     p.add_argument("--search-space", metavar="FILE", help="with --tune: search space over the packaged one")
-    p.add_argument("--storage", metavar="URL", help="with --tune: one Optuna database for the studies, e.g. "
+    p.add_argument("--storage", metavar="URL", type=storage_flag, help="with --tune: one Optuna database for the studies, e.g. "
                                                     "postgresql://host/db (default: a SQLite file per study)")
     p.add_argument("--epochs", type=bounds.EPOCHS, help="override the schedule's length, keeping its warm-up fraction")
     p.add_argument("--protocol", choices=["final", "select"],

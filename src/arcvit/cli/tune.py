@@ -7,13 +7,14 @@ from dataclasses import fields
 
 from arcvit.cli import RECIPE_HELP, _add_backbone, _add_data, _train_flags, bounds
 from arcvit.cli.bench import add_ray_flags, ray_executor
+from arcvit.training.storage_url import storage_flag
 
 
 def cmd_tune(args: argparse.Namespace) -> None:
+    from arcvit.bench.executors import InProcess
     from arcvit.data.layouts import task_key
     from arcvit.training.config import DataSpec, TrainConfig
     from arcvit.training.recipes import load_recipe
-    from arcvit.bench.executors import InProcess
     from arcvit.training.tune import make_job
     executor = ray_executor(args) or InProcess()  # --ray: a missing extra or a bad address fails first
     fixed = {f.name: getattr(args, f.name) for f in fields(TrainConfig)
@@ -43,7 +44,7 @@ def add_tune_command(sub: argparse._SubParsersAction) -> None:
                                                                      "study.db, trials.csv, best.toml, plots)")
     p.add_argument("--resume", action="store_true", help="continue the study in STUDY_DIR (a killed search), with "
                                                          "the data, method, task and search space it started with")
-    p.add_argument("--storage", metavar="URL", help="an Optuna RDB storage instead of STUDY_DIR/study.db, e.g. "
+    p.add_argument("--storage", metavar="URL", type=storage_flag, help="an Optuna RDB storage instead of STUDY_DIR/study.db, e.g. "
                                                     "postgresql://host/db: every process running tune against it "
                                                     "(each with its own --out) works on the same study")
     p.add_argument("--study-name", help="default: <task>.<method>")

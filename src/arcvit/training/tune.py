@@ -37,13 +37,13 @@ from arcvit.training.devices import require_accelerator
 from arcvit.training.loop import train
 from arcvit.training.runfolder import run_lock
 from arcvit.training.search_space import SearchSpace, at_edges, edges_text, load_search_space
+from arcvit.training.storage_url import engine_options, parse_storage_url, shown_url
 from arcvit.training.tune_outputs import recipe_toml, write_plots, write_trials_csv
 
 STUDY_FILE = "study.db"
 TUNE_SET_FIELDS = ("method", "protocol")  # tune sets these itself
 PRUNER_STARTUP_TRIALS = 3  # the median pruner stops nothing before this many trials have finished
 SCHEMA_RACE_TRIES = 4  # workers starting together on a new database race to create its tables: the losers retry
-CONNECT_TIMEOUT_S = 10  # a PostgreSQL study server that does not answer fails after this long
 BUSY = ("another arcvit tune process is working in this study folder; wait for it to end, or join its search "
         "from another --out through a shared --storage")
 
@@ -158,17 +158,11 @@ def _check_storage(url: str | None) -> None:
     shared, and its trial folders would be orphaned."""
     if url is None:
         return
-    from sqlalchemy.engine import make_url  # optuna's own dependency
-    from sqlalchemy.exc import ArgumentError
-    try:
-        parsed = make_url(url)
-    except ArgumentError:
-        raise ConfigError(f"--storage {url!r}: not a database URL (e.g. sqlite:////path/study.db, "
-                          "postgresql://host/db)") from None
+    parsed = parse_storage_url(url)
     in_memory = parsed.database in (None, "", ":memory:") or parsed.query.get("mode") == "memory"
     if parsed.get_backend_name() == "sqlite" and in_memory:
-        raise ConfigError(f"--storage {shown_url(url)!r}: an in-memory SQLite database ends with the process, so the study "
-                          "could be neither resumed nor shared; name a file (sqlite:////path/study.db) or drop "
+        raise ConfigError(f"--storage {shown_url(url)!r}: an in-memory SQLite database ends with the process, so the "
+                          "study could be neither resumed nor shared; name a file (sqlite:////path/study.db) or drop "
                           "--storage")
 
 
@@ -202,28 +196,8 @@ def _check_model(job: TuneJob, corners: list[TrainConfig], num_classes: int) -> 
     for cfg in {(c.rank, c.arc_impl): c for c in corners}.values():
         with torch.device("meta"):
             model = create_backbone(job.backbone, num_classes=num_classes, pretrained=False)
-            prepare_model(model, cfg.method, rank=cfg.rank, dropout=cfg.adapter_dropout, impl=cfg.arc_impl,
-                          arc_options=cfg.arc_options)
-
-
-def shown_url(url: str) -> str:
-    """A storage URL as messages print it: with its password hidden."""
-    from sqlalchemy.engine import make_url
-    from sqlalchemy.exc import ArgumentError
-    try:
-        return make_url(url).render_as_string(hide_password=True)
-    except ArgumentError:
-        return url
-
-
-def _engine_options(url: str) -> dict[str, Any]:
-    """A PostgreSQL server that does not answer (an unroutable host) fails after 10 s instead of the system's
-    TCP time-out, unless the URL sets its own ``connect_timeout``."""
-    from sqlalchemy.engine import make_url
-    parsed = make_url(url)
-    if parsed.get_backend_name() == "postgresql" and "connect_timeout" not in parsed.query:
-        return {"connect_args": {"connect_timeout": CONNECT_TIMEOUT_S}}
-    return {}
+            prepare_model(model, cfg.method, rank=cfg.rank, dropout=cfg.adapter_dropout, targets=cfg.targets,
+                          impl=cfg.arc_impl, arc_options=cfg.arc_options)
 
 
 def _storage_url(job: TuneJob, resume: bool) -> str:
@@ -249,7 +223,7 @@ def _open_storage(optuna: Any, url: str, create_dir: Path | None) -> Any:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
                 return optuna.storages.RDBStorage(
-                    url, engine_kwargs=_engine_options(url), heartbeat_interval=60, grace_period=180,
+                    url, engine_kwargs=engine_options(url), heartbeat_interval=60, grace_period=180,
                     heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=1))
         except (IntegrityError, ProgrammingError) as e:  # another worker created the same tables at this moment
             error = e
