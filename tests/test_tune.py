@@ -275,7 +275,8 @@ def test_bench_tune_zero_is_refused(tmp_path, capsys):
 
 def test_train_config_layers_most_specific_last_flags_above_all(tmp_path):
     from arcvit.bench.runner import CONFIG_DIR
-    from arcvit.cli import _train_config, build_parser
+    from arcvit.cli import build_parser
+    from arcvit.cli.train import train_config
     recipe = tmp_path / "recipe.toml"
     recipe.write_text("[defaults]\nlr = 0.1\nweight_decay = 0.1\nepochs = 7\nwarmup_epochs = 1\n"
                       "[methods.full]\nlr = 0.01\nweight_decay = 0.01\n"
@@ -283,7 +284,7 @@ def test_train_config_layers_most_specific_last_flags_above_all(tmp_path):
                       "[tasks.shapes_tiny.methods.full]\nweight_decay = 0.001\n")
 
     def cfg(task, method, *flags, config=recipe):
-        return _train_config(build_parser().parse_args(["train", "--data", "x", "--out", "y", "--config", str(config),
+        return train_config(build_parser().parse_args(["train", "--data", "x", "--out", "y", "--config", str(config),
                                                         "--task", task, "--method", method, *flags]))
     full = cfg("shapes_tiny", "full")
     assert (full.lr, full.weight_decay, full.label_smoothing, full.epochs) == (0.01, 0.001, 0.1, 7)

@@ -3,8 +3,10 @@
 Train ~0.1% of a pretrained ViT's parameters, then fold the adapters into the backbone and serve the
 plain model at exactly its original cost.
 """
-__version__ = "0.2.0"
+# first: core/adapter_file.py reads it from here while this package loads
+from arcvit.version import __version__
 
+# isort: split
 from arcvit.backends import timm as _timm  # noqa: E402,F401  (registers timm's block specs and the shipped ViT)
 from arcvit.core.adapter_file import load_adapter, save_adapter  # noqa: E402
 from arcvit.core.arc import apply_arc, merge, trainable_parameters  # noqa: E402

@@ -138,7 +138,7 @@ def verify_root(root: str | Path, suite: str, tasks: Sequence[str] | None = None
 
 def stamp(entry: dict, suite: str, source: str) -> dict:
     """A verified task's entry with its suite, source and the arcvit version that checked it."""
-    from arcvit import __version__
+    from arcvit.version import __version__
     return {"suite": suite, "source": source, "arcvit": __version__, **entry}
 
 

@@ -16,10 +16,10 @@ from typing import Any
 
 import torch.nn as nn
 
-from arcvit import __version__
 from arcvit.core.headers import HeaderError, class_names, count, mapping, text
 from arcvit.data.transforms import data_config
 from arcvit.errors import ModelError
+from arcvit.version import __version__
 
 KEY = "arcvit"
 FORMAT = "arcvit-onnx"

@@ -10,10 +10,10 @@ import json
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from arcvit import __version__
 from arcvit.core import headers
 from arcvit.errors import ModelError
 from arcvit.fileio import sha256_file
+from arcvit.version import __version__
 
 NAME = "arcvit.json"
 FORMAT = "arcvit-hub"

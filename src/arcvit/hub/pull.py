@@ -9,10 +9,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-from arcvit import __version__
 from arcvit.errors import ArcvitError, ConfigError, ModelError, first_line
 from arcvit.hub import manifest
 from arcvit.hub.refs import HubRef, parse_ref
+from arcvit.version import __version__
 
 
 @dataclass(frozen=True)

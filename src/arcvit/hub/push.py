@@ -5,12 +5,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from arcvit import __version__
 from arcvit.errors import ConfigError, ModelError, first_line
 from arcvit.hub import card, manifest
 from arcvit.hub.pull import hub_settings
 from arcvit.hub.refs import PREFIX, HubRef, parse_ref
 from arcvit.hub.stage import Staged, stage
+from arcvit.version import __version__
 
 
 @dataclass(frozen=True)

@@ -35,7 +35,6 @@ from lightning_fabric import Fabric
 from lightning_fabric.utilities.seed import seed_everything
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
-from arcvit import __version__
 from arcvit.backends import create_backbone
 from arcvit.core.adapter_file import save_adapter
 from arcvit.core.arc import arc_config, is_adapted, shared_sets
@@ -55,6 +54,7 @@ from arcvit.training.devices import require_devices
 from arcvit.training.finite import nonfinite_error, nonfinite_items
 from arcvit.training.progress import EpochProgress
 from arcvit.training.runfolder import check_resumable, refuse_to_overwrite, run_lock, started_impl, write_metrics
+from arcvit.version import __version__
 from arcvit.training.runmodel import save_trainable
 
 DATA_INIT_IMAGES = 256  # training images whose site inputs set ARC's data-aware bases (basis_init="data")
