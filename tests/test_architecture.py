@@ -13,7 +13,8 @@ import arcvit
 from arcvit.core.specs import registered_block_specs
 
 SRC = Path(arcvit.__file__).parent
-SHARED = ("arcvit.errors", "arcvit.fileio", "arcvit.numbers")  # every package may use these (docs/architecture.md)
+# every package may use these (docs/architecture.md)
+SHARED = ("arcvit.errors", "arcvit.extras", "arcvit.fileio", "arcvit.numbers")
 CORE_MAY_IMPORT = ("arcvit.core", *SHARED, "arcvit")  # "arcvit": __version__ only
 FORBIDDEN_IN_CORE = ("timm", "transformers", "peft", "lightning_fabric", "lightning", "optuna", "fastapi")
 
@@ -46,7 +47,7 @@ def test_core_imports_no_library_and_no_other_arcvit_package():
 
 
 def test_shared_modules_import_no_other_arcvit_module():
-    """Any package may use errors, fileio and numbers, so they may use nothing of arcvit but each other."""
+    """Any package may use errors, extras, fileio and numbers, so they may use nothing of arcvit but each other."""
     for module in SHARED:
         path = SRC / f"{module.split('.')[1]}.py"
         assert {n for n in _imports(path) if n.split(".")[0] == "arcvit"} <= set(SHARED), path.name
@@ -100,7 +101,7 @@ def test_export_builds_on_core_and_data_and_imports_onnx_only_at_its_edge():
                 assert name == "arcvit" or name.startswith(EXPORT_MAY_IMPORT), f"export/{path.name} imports {name}"
             assert name.split(".")[0] not in EXPORT_EDGE, f"export/{path.name} imports {name} (use export.runtime)"
     runtime = (SRC / "export" / "runtime.py").read_text()
-    assert "importlib.import_module(name)" in runtime and "import onnx" not in runtime
+    assert "require(name, " in runtime and "import onnx" not in runtime
 
 
 def test_every_registered_block_spec_is_exercised_by_the_family_tests():

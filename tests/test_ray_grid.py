@@ -14,12 +14,12 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import MINI_TASKS, MINI_TEST_SIZE, TIMING_KEYS
 
 from arcvit.bench.executors import InProcess, Outcome, RunJob
 from arcvit.bench.grid_progress import GridProgress
 from arcvit.bench.runner import run_bench
 from arcvit.cli import main
-from conftest import MINI_TASKS, MINI_TEST_SIZE, TIMING_KEYS
 
 GRID = dict(tasks=list(MINI_TASKS), methods=["linear", "arc"], seeds=[0, 1], backbone="vit_pico_patch7_28",
             overrides={"epochs": 1}, progress=False, pretrained=False, max_steps_per_epoch=6,
@@ -182,7 +182,7 @@ def test_ray_executor_checks_its_resources(options, message):
 def test_ray_without_the_extra_names_it(tmp_path, capsys, monkeypatch):
     monkeypatch.setitem(sys.modules, "ray", None)  # what `import ray` meets where ray is not installed
     assert main(["bench", "--suite", "mini", "--out", str(tmp_path / "b"), "--ray"]) == 1
-    assert capsys.readouterr().err.strip() == "arcvit bench: error: --ray needs ray: pip install 'arcvit[ray]'"
+    assert capsys.readouterr().err == "arcvit bench: error: --ray needs the 'ray' extra: pip install 'arcvit[ray]'\n"
 
 
 @pytest.mark.slow
@@ -190,8 +190,8 @@ def test_tune_on_ray_workers_share_one_study(ray_cluster, tiny_data, tmp_path, c
     """Two tune workers (Ray tasks, one per CPU) ask one study for trials: every trial number once, each
     worker ran some, and the driver writes best.toml for the study's best trial."""
     import optuna
-    from optuna.trial import TrialState
     from conftest import BACKBONE, TINY_TASK
+    from optuna.trial import TrialState
     study_dir = tmp_path / "study"
     argv = ["tune", "--backbone", BACKBONE, "--random-init", "--task", TINY_TASK, "--data", str(tiny_data),
             "--method", "arc", "--epochs", "1", "--warmup-epochs", "0", "--batch-size", "32",
@@ -214,6 +214,7 @@ def test_ctrl_c_keeps_finished_runs_and_the_same_command_resumes(mini_data, tmp_
     kept; the same command then runs only the others."""
     import shutil
     import subprocess
+
     from conftest import arcvit_command, subprocess_env
     shutil.copytree(mini_data, tmp_path / "data")
     command = [*arcvit_command(), "bench", "--suite", "mini", "--data", str(tmp_path / "data"), "--out",

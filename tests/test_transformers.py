@@ -19,7 +19,7 @@ transformers = pytest.importorskip("transformers")
 import arcvit
 from arcvit import ARCConfig
 from arcvit.core.adapter_file import adapter_tensors, read_adapter
-from arcvit.errors import AdapterFileError, ModelError
+from arcvit.errors import AdapterFileError, MissingExtra, ModelError
 
 SMALL = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, image_size=32, patch_size=8)
 SWIN = dict(image_size=32, patch_size=4, embed_dim=16, depths=[2, 2], num_heads=[2, 4], window_size=4,
@@ -303,7 +303,7 @@ def test_missing_transformers_names_the_extra(monkeypatch):
     monkeypatch.setitem(sys.modules, "transformers", None)  # import transformers -> ImportError
     for name in [n for n in sys.modules if n.startswith("arcvit.backends.transformers")]:
         monkeypatch.delitem(sys.modules, name)
-    with pytest.raises(ModelError, match=r"arcvit\[transformers\]"):
+    with pytest.raises(MissingExtra, match=r"^a transformers backbone needs the 'transformers' extra: pip install"):
         create_backbone("transformers:google/vit-base-patch16-224", 10)
 
 

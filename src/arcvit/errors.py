@@ -24,6 +24,11 @@ class ConfigError(ArcvitError):
     """A setting has an invalid value."""
 
 
+class MissingExtra(ArcvitError):
+    """A command, method or option needs an optional dependency (an extra such as ``arcvit[peft]``) that is not
+    installed."""
+
+
 class TrainingDiverged(ArcvitError):
     """The loss or the gradients stopped being finite numbers: the settings (usually the learning rate) do not
     train this model."""
@@ -37,6 +42,11 @@ class NonFiniteOutput(ArcvitError):
 class DataWarning(UserWarning):
     """Data that is probably, not certainly, a mistake (a single-class split, a class never trained on,
     images dropped as unreadable): the run goes on, and the CLI prints it as one line on stderr."""
+
+
+class MissingExtraWarning(DataWarning):
+    """A by-product (a plot) skipped because its extra is not installed: the command's results stand, and the CLI
+    prints this as one line like a data warning."""
 
 
 def first_line(error: BaseException, limit: int | None = None) -> str:

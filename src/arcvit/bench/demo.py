@@ -13,16 +13,16 @@ from torch.utils.data import DataLoader
 
 import arcvit
 from arcvit.backends.timm.create import create_backbone
+from arcvit.backends.timm.zoo import DEFAULT_BACKBONE
+from arcvit.bench.plots import plot_accuracy_vs_params
 from arcvit.data.layouts import load_split
 from arcvit.data.mini import MINI_TASKS, build_mini_suite
 from arcvit.data.transforms import build_transform
 from arcvit.fileio import write_json, write_text
-from arcvit.bench.plots import plot_accuracy_vs_params
 from arcvit.training.config import DataSpec
 from arcvit.training.finite import require_finite
 from arcvit.training.loop import train
 from arcvit.training.recipes import load_recipe, train_config
-from arcvit.backends.timm.zoo import DEFAULT_BACKBONE
 
 DEMO_TASKS = ("mnist5k", "animal_shapes")
 DEMO_METHODS = ("linear", "arc", "full")
@@ -102,6 +102,7 @@ def run_demo(out: str | Path = "runs/demo", epochs: int | None = None, progress:
                "runs": rows, "merge_checks": merges, "wall_time_s": round(time.time() - started, 1)}
     write_json(out / "demo_results.json", summary)
     write_text(out / "demo_table.md", "\n".join(lines) + "\n")
-    console.print(f"plot: {plot}\nadapters: {', '.join(str(out / t / 'arc' / 'adapter') for t in DEMO_TASKS)}\n"
+    console.print(f"plot: {plot or 'skipped (no matplotlib)'}\n"
+                  f"adapters: {', '.join(str(out / t / 'arc' / 'adapter') for t in DEMO_TASKS)}\n"
                   f"wall time {summary['wall_time_s']:.0f}s")
     return summary

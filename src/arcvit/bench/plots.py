@@ -2,25 +2,28 @@
 
 A method run at several ranks (variants ``arc@4``, ``arc@16``, ...) is one line through its points in order of
 size: the accuracy-for-parameters frontier a PETL comparison is read from. A method at one size is a point.
+matplotlib (the ``plots`` extra) is imported on first use; without it the plot is skipped with one warning.
 """
 from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-
-from arcvit.bench.variants import line_of  # noqa: E402
-from arcvit.fileio import atomic_path  # noqa: E402
+from arcvit.bench.variants import line_of
+from arcvit.extras import optional
+from arcvit.fileio import atomic_path
 
 
 def plot_accuracy_vs_params(points: Sequence[tuple[str, float, float, float]], path: str | Path, title: str,
-                            ylabel: str = "mean top-1 accuracy (%)") -> Path:
+                            ylabel: str = "mean top-1 accuracy (%)") -> Path | None:
     """``points``: (label, trainable parameters, accuracy %, std %) — std 0 draws no error bar. Labels
-    ``M@R`` join method M's line; each point is annotated with its own label."""
+    ``M@R`` join method M's line; each point is annotated with its own label. None: matplotlib is missing."""
+    path = Path(path)
+    matplotlib = optional("matplotlib", "plots", path.name)
+    if matplotlib is None:
+        return None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(8, 4.5), dpi=120)
     lines: dict[str, list[tuple[str, float, float, float]]] = {}
     for point in points:
@@ -43,7 +46,6 @@ def plot_accuracy_vs_params(points: Sequence[tuple[str, float, float, float]], p
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))  # outside: a dozen rows hide no point
     fig.tight_layout()
-    path = Path(path)
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png")
     plt.close(fig)

@@ -25,6 +25,7 @@ from urllib.parse import urlsplit
 
 from arcvit.bench.executors import Fit, Outcome, RunJob, run_job
 from arcvit.errors import ConfigError, first_line
+from arcvit.extras import require
 from arcvit.fileio import atomic_path
 
 CONNECT_TIMEOUT_S = 5.0  # an unreachable address fails in seconds, not after Ray's own minutes of retries
@@ -33,11 +34,7 @@ LEFT_ON_WORKER = ("checkpoints",)  # large, and only useful where the run trains
 
 def import_ray() -> Any:
     """ray, imported on first use; its absence names the extra that installs it."""
-    try:
-        import ray
-    except ModuleNotFoundError:
-        raise ConfigError("--ray needs ray: pip install 'arcvit[ray]'") from None
-    return ray
+    return require("ray", "ray", "--ray")
 
 
 def _check_reachable(address: str) -> None:

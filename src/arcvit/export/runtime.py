@@ -2,12 +2,10 @@
 that every other command (and ``arcvit --help``) runs without the ``export`` extra."""
 from __future__ import annotations
 
-import importlib
 from types import ModuleType
 
-from arcvit.errors import ConfigError
+from arcvit.extras import require
 
-INSTALL = "pip install 'arcvit[export]'"
 EXPORT_MODULES = ("onnx", "onnxscript", "onnxruntime")  # torch.onnx's exporter needs onnxscript
 # 18: read by most runtimes; 23: ONNX's own Attention op (one node instead of ~8 per block: faster in ONNX
 # Runtime, which reads it from 1.22 on; fewer other runtimes do yet)
@@ -16,13 +14,7 @@ OPSETS = (18, 23)
 
 def need(*modules: str) -> list[ModuleType]:
     """The named modules, or one line naming the missing one and the extra that installs it."""
-    found = []
-    for name in modules:
-        try:
-            found.append(importlib.import_module(name))
-        except ImportError:
-            raise ConfigError(f"ONNX support needs the {name} package: {INSTALL}") from None
-    return found
+    return [require(name, "export", f"ONNX support ({name})") for name in modules]
 
 
 def onnxruntime() -> ModuleType:

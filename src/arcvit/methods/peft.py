@@ -7,6 +7,7 @@ import copy
 import torch.nn as nn
 
 from arcvit.errors import ConfigError, ModelError
+from arcvit.extras import require
 
 
 def is_peft_model(model: nn.Module) -> bool:
@@ -16,12 +17,12 @@ def is_peft_model(model: nn.Module) -> bool:
 def wrap_peft(model: nn.Module, method: str, rank: int, dropout: float, targets: tuple[str, ...],
               head: str) -> nn.Module:
     """PEFT freezes the backbone and trains a copy of the head (``modules_to_save``), which its merge swaps in."""
-    from peft import LoraConfig, VeraConfig, get_peft_model
+    peft = require("peft", "peft", method)
     shared = {"r": rank, "target_modules": list(targets), "modules_to_save": [head]}
-    config = LoraConfig(lora_alpha=rank, lora_dropout=dropout, use_dora=method == "dora", **shared) \
-        if method in ("lora", "dora") else VeraConfig(vera_dropout=dropout, **shared)
+    config = peft.LoraConfig(lora_alpha=rank, lora_dropout=dropout, use_dora=method == "dora", **shared) \
+        if method in ("lora", "dora") else peft.VeraConfig(vera_dropout=dropout, **shared)
     try:
-        return get_peft_model(model, config)
+        return peft.get_peft_model(model, config)
     except ValueError as e:  # PEFT's complaint about target_modules: none found, or not a Linear
         raise ConfigError(f"{method} targets {list(targets)}: {e}") from e
 

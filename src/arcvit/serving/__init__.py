@@ -17,5 +17,9 @@ __all__ = ["MultiTask", "SeparateModels", "ServeSettings", "TaskInfo", "create_a
 def __getattr__(name: str):
     if name in _HTTP:
         import importlib
+
+        from arcvit.extras import require
+        for module in ("fastapi", "uvicorn", "prometheus_client"):
+            require(module, "serve", "the HTTP server")
         return getattr(importlib.import_module(_HTTP[name]), name)
     raise AttributeError(f"module 'arcvit.serving' has no attribute {name!r}")

@@ -11,6 +11,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from arcvit.extras import optional
 from arcvit.fileio import atomic_path, write_text
 from arcvit.training.search_space import Range, at_edges, edges_text
 
@@ -72,8 +73,11 @@ def _save(fig: Any, path: Path) -> Path:
 
 
 def write_plots(study: Any, out: Path) -> list[Path]:
-    """optimization_history.png, and param_importances.png when two finished trials differ in a setting."""
-    import matplotlib
+    """optimization_history.png, and param_importances.png when two finished trials differ in a setting; none
+    without matplotlib (the ``plots`` extra)."""
+    matplotlib = optional("matplotlib", "plots", "the search's plots")
+    if matplotlib is None:
+        return []
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import optuna

@@ -5,12 +5,9 @@ lazily, the first time it meets a model whose class lives in ``transformers``.
 """
 from __future__ import annotations
 
-try:
-    import transformers  # noqa: F401
-except ImportError:  # pragma: no cover - exercised by the test that hides transformers
-    from arcvit.errors import ModelError
-    raise ModelError("transformers backbones need the transformers package: "
-                     "pip install 'arcvit[transformers]'") from None
+from arcvit.extras import require
+
+require("transformers", "transformers", "a transformers backbone")
 
 from arcvit.backends.transformers import specs as _specs
 from arcvit.backends.transformers.backend import TransformersBackend

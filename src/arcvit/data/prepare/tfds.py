@@ -19,6 +19,7 @@ import numpy as np
 from PIL import Image
 
 from arcvit.errors import ConfigError, DataError
+from arcvit.extras import require
 from arcvit.fileio import write_text
 
 Part = tuple[str, float, float]  # TFDS split, start and end in percent of it
@@ -172,10 +173,7 @@ def build_task(name: str, folder: Path, image_format: str = "png", data_dir: str
     it); returns the source label for the manifest (builder, version, image format)."""
     if image_format not in FORMATS:
         raise ConfigError(f"--format {image_format!r}: choose one of {', '.join(FORMATS)}")
-    try:
-        import tensorflow_datasets as tfds
-    except ImportError:
-        raise ConfigError("--source tfds needs TensorFlow Datasets: pip install 'arcvit[tfds]'") from None
+    tfds = require("tensorflow_datasets", "tfds", "--source tfds")
     task = TFDS_TASKS[name]
     builder = tfds.builder(task.builder, data_dir=data_dir)
     builder.download_and_prepare(file_format="array_record")  # random access without TensorFlow
