@@ -63,6 +63,12 @@ FACTORS: dict[str, tuple[str, list[Variant]]] = {
         _arc("x0.1", shared_lr_scale=0.1), _arc("x1 (paper)"), _arc("x10", shared_lr_scale=10.0)]),
     "att_scale_init": ("Initialisation of c at the attention position", [
         _arc("zero (paper)"), _arc("random (xavier)", att_scale_init="random")]),
+    "combined": ("The helpful extensions together (arc_plus's candidates), at each task's tuned rank and at rank 12 "
+                 "(within RLRR's 25.4 K parameters)", [
+                     _arc("att+mlp (paper)"), _arc("+proj, s", extra_positions=["proj"], channel_scale=True),
+                     _arc("+proj+fc2, s", extra_positions=["proj", "fc2"], channel_scale=True),
+                     Variant("+proj+fc2, s, r=12", "arc", {"rank": 12, "arc_options": {
+                         "extra_positions": ["proj", "fc2"], "channel_scale": True}})]),
     "size": ("Size: ARC at fixed ranks beside its peers at two sizes each (the frontier plot)", [
         *(Variant(f"arc r={r}", "arc", {"rank": r}) for r in (8, 16, 32, 64, 128)),
         Variant("lora r=1", "lora@1", {"rank": 1}), Variant("lora r=8", "lora@2", {"rank": 8}),
