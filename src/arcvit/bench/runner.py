@@ -31,7 +31,7 @@ from arcvit.methods import METHODS
 from arcvit.training.config import RUNTIME_FIELDS, DataSpec, TrainConfig
 from arcvit.training.devices import require_devices
 from arcvit.training.loop import train
-from arcvit.training.recipes import Recipe, load_recipe, train_config
+from arcvit.training.recipes import Recipe, load_recipe, shared_settings, train_config
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 BENCH_SET_FIELDS = ("method", "seed")  # the bench sets these itself
@@ -143,7 +143,8 @@ def _selection(suite: str, tasks: Sequence[str] | None, methods: Sequence[str] |
 def _run_config(recipe: Recipe, task: str, name: str, seed: int, overrides: Mapping[str, Any]) -> TrainConfig:
     """One run's settings; a variant ``M@R`` runs method M with its rank fixed at R, above the recipe."""
     method, rank = split_variant(name)
-    return train_config(recipe, task, method, dict(overrides, seed=seed) | ({"rank": rank} if rank else {}))
+    return train_config(recipe, task, method,
+                        shared_settings(overrides, method) | {"seed": seed} | ({"rank": rank} if rank else {}))
 
 
 def _plan(recipe: Recipe, tasks: Sequence[str], methods: Sequence[str], seeds: Sequence[int],

@@ -15,7 +15,7 @@ from typing import Any
 from arcvit.bench.executors import InProcess
 from arcvit.bench.variants import split_variant
 from arcvit.training.config import DataSpec
-from arcvit.training.recipes import Recipe, train_config
+from arcvit.training.recipes import Recipe, shared_settings, train_config
 from arcvit.training.search_space import at_edges
 
 TUNE_DIR = "tune"
@@ -28,7 +28,8 @@ def tune_row(recipe: Recipe, task: str, name: str, overrides: Mapping[str, Any],
     pretrained, space_file, progress, max_steps_per_epoch."""
     from arcvit.training.tune import make_job
     method, rank = split_variant(name)
-    fixed = {k: v for k, v in overrides.items() if k != "protocol"} | ({"rank": rank} if rank else {})
+    fixed = {k: v for k, v in shared_settings(overrides, method).items() if k != "protocol"} \
+        | ({"rank": rank} if rank else {})
     base = asdict(train_config(recipe, task, method, fixed))
     study_dir = out / TUNE_DIR / task / name
     run_options = {k: options.pop(k) for k in ("progress", "max_steps_per_epoch") if k in options}

@@ -43,7 +43,7 @@ def ray_executor(args: argparse.Namespace) -> RayExecutor | None:
 
 
 def cmd_bench(args: argparse.Namespace) -> None:
-    overrides = {k: getattr(args, k) for k in ("epochs", "protocol", "devices", "precision", "accelerator")
+    overrides = {k: getattr(args, k) for k in ("epochs", "protocol", "devices", "precision", "accelerator", "targets")
                  if getattr(args, k) is not None}
     try:
         out = run_bench(args.suite, args.out or f"runs/bench_{args.suite}", data=args.data, tasks=args.tasks,
@@ -101,6 +101,8 @@ def add_bench_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--protocol", choices=["final", "select"],
                    help="final: train on train+val, test after the last epoch; select: pick the epoch on val")
     p.add_argument("--devices", type=bounds.DEVICES)
+    p.add_argument("--targets", help="the Linears lora, dora and vera adapt, e.g. att,mlp,proj,fc2 or Linear names "
+                                     "(default: att,mlp, the attention's and the MLP's input Linears)")
     p.add_argument("--precision", help="e.g. 32-true, bf16-mixed")
     p.add_argument("--accelerator", help="auto, cpu, cuda, ...")
     p.add_argument("--quiet", action="store_true", help="no progress bars (one line per run is still printed)")

@@ -5,7 +5,8 @@ import torch
 import torch.nn as nn
 
 from arcvit.core.sites import find_blocks, readers
-from arcvit.errors import ConfigError
+from arcvit.core.specs import block_spec_for
+from arcvit.errors import ConfigError, ModelError
 
 
 class AdaptFormerMLP(nn.Module):
@@ -33,6 +34,17 @@ class AdaptFormerMLP(nn.Module):
         return f"bottleneck={self.down.out_features}, scale={self.scale}"
 
 
+def _mlp_host(name: str, block: nn.Module, width: int) -> str:
+    """The block's MLP as its block spec names it; refused where that module does not return to the width
+    (Swinv2's ``intermediate`` is only the MLP's first half), since the bottleneck's output is added to it."""
+    host = block_spec_for(block).places["mlp"].host
+    mlp = getattr(block, host)
+    if not any(isinstance(m, nn.Linear) and m.out_features == width for m in mlp.modules()):
+        raise ModelError(f"adaptformer: {name}.{host} ({type(mlp).__name__}) is not a whole MLP returning to the "
+                         f"width {width}; AdaptFormer needs a block whose MLP is one module (ViT, DeiT, Swin, ...)")
+    return host
+
+
 def add_adaptformer(model: nn.Module, bottleneck: int, dropout: float) -> None:
     """Put an AdaptFormer bottleneck beside every block's MLP (the backbone is frozen by the caller)."""
     for name, block, _ in find_blocks(model):
@@ -40,8 +52,9 @@ def add_adaptformer(model: nn.Module, bottleneck: int, dropout: float) -> None:
         if bottleneck > reference.shape[1]:
             raise ConfigError(f"rank {bottleneck} exceeds the model's width {reference.shape[1]} (at {name}): "
                               "AdaptFormer's bottleneck may be no wider than the MLP input it adapts")
-        adapter = AdaptFormerMLP(block.mlp, reference.shape[1], bottleneck, dropout)
-        block.mlp = adapter.to(device=reference.device, dtype=reference.dtype).train(model.training)
+        host = _mlp_host(name, block, reference.shape[1])
+        adapter = AdaptFormerMLP(getattr(block, host), reference.shape[1], bottleneck, dropout)
+        setattr(block, host, adapter.to(device=reference.device, dtype=reference.dtype).train(model.training))
 
 
 def has_adaptformer(model: nn.Module) -> bool:

@@ -26,14 +26,15 @@ from arcvit.methods.reparam import has_reparams, merger, refuse_bypassed_qkv
 from arcvit.methods.repadapter import add_repadapter
 from arcvit.methods.rlrr import add_rlrr
 from arcvit.methods.ssf import add_ssf
+from arcvit.methods.targets import DEFAULT_TARGETS, parse_targets, resolve_targets
 
-DEFAULT_TARGETS = ("qkv", "fc1")
 Prepare = Callable[[nn.Module, "Options"], nn.Module]
 
 
 @dataclass(frozen=True)
 class Options:
-    """What ``prepare_model`` hands a method: its rank, dropout, PEFT targets and the head's module name."""
+    """What ``prepare_model`` hands a method: its rank, dropout, PEFT targets (``methods/targets.py``) and the
+    head's module name."""
 
     method: str
     rank: int | None
@@ -96,15 +97,17 @@ def is_arc_method(method: str) -> bool:
     return method_spec(method).prepare is _prepare_arc
 
 
-def _check_peft_rank(model: nn.Module, o: Options) -> None:
+def takes_targets(method: str) -> bool:
+    """Whether ``method`` adapts the Linear layers its targets name (LoRA, DoRA, VeRA)."""
+    return method_spec(method).prepare is _prepare_peft
+
+
+def _check_peft_rank(model: nn.Module, o: Options, linears: list[str]) -> None:
     """LoRA's (and DoRA's) r above its target layers' width adds nothing (the update's rank is at most
     min(in, out)) and an absurd one only fails in the allocator; VeRA's r sizes frozen random projections,
     which may exceed the width (its paper uses 1024 on a width of 768) up to the target layers' largest
     dimension."""
-    shapes = [(m.in_features, m.out_features) for name, m in model.named_modules() if isinstance(m, nn.Linear)
-              and any(name == t or name.endswith("." + t) for t in o.targets)]
-    if not shapes:  # PEFT names the missing targets itself
-        return
+    shapes = [(m.in_features, m.out_features) for m in map(model.get_submodule, linears)]
     limit = max(max(s) for s in shapes) if o.method == "vera" else min(min(s) for s in shapes)
     if o.rank > limit:
         what = "the largest dimension of" if o.method == "vera" else "the width of"
@@ -113,11 +116,12 @@ def _check_peft_rank(model: nn.Module, o: Options) -> None:
 
 
 def _prepare_peft(model: nn.Module, o: Options) -> nn.Module:
-    _check_peft_rank(model, o)
-    if "qkv" in o.targets:
+    linears = resolve_targets(model, o.method, o.targets)
+    _check_peft_rank(model, o, linears)
+    if any(name.rsplit(".", 1)[-1] == "qkv" for name in linears):
         refuse_bypassed_qkv(model, o.method)
     _zero_head(model, o.head)
-    return wrap_peft(model, o.method, o.rank, o.dropout, o.targets, o.head)
+    return wrap_peft(model, o.method, o.rank, o.dropout, tuple(linears), o.head)
 
 
 def _train_only(select: Callable[[str], bool], add: Callable[[nn.Module, Options], None] | None = None) -> Prepare:
@@ -219,13 +223,14 @@ def _check_options(spec: MethodSpec, rank: int | None, dropout: float | None) ->
 
 
 def prepare_model(model: nn.Module, method: str, *, rank: int | None = None, dropout: float | None = None,
-                  targets: tuple[str, ...] = DEFAULT_TARGETS, impl: str | None = None,
+                  targets: tuple[str, ...] | None = None, impl: str | None = None,
                   arc_options: dict | None = None) -> nn.Module:
     """Set a model up to be fine-tuned with ``method`` and return the module to train.
 
     ``model`` is changed in place; for LoRA and VeRA the module returned is PEFT's wrapper around it. Every
     method zeroes the classifier head and trains it. ``rank`` and ``dropout`` default to the method's own
-    (``SPECS[method]``); ``targets`` names the Linear layers LoRA and VeRA adapt (module-name suffixes);
+    (``SPECS[method]``); ``targets`` names the Linear layers LoRA, DoRA and VeRA adapt (block positions or
+    Linear names, ``methods/targets.py``; None: the attention's and the MLP's input Linears);
     ``impl`` is how ARC computes its adapter (``ARCConfig.impl``); ``arc_options`` sets ARC's extensions
     (``ARCConfig`` fields beyond the paper's, over arc_plus's own).
     """
@@ -234,10 +239,13 @@ def prepare_model(model: nn.Module, method: str, *, rank: int | None = None, dro
     for name, value in (("impl", impl), ("arc_options", arc_options)):
         if value and spec.prepare is not _prepare_arc:
             raise ConfigError(f"{method} has no ARC {name} to set")
+    if targets is not None and not takes_targets(method):
+        raise ConfigError(f"{method} has no targets to set; only lora, dora and vera adapt chosen Linears")
     if _has_adapters(model):
         raise ModelError(f"{type(model).__name__} already carries adapters; prepare a fresh backbone")
+    chosen = DEFAULT_TARGETS if targets is None else parse_targets(targets)
     options = Options(method, spec.default_rank if rank is None else rank,
-                      spec.default_dropout if dropout is None else dropout, tuple(targets), _head_name(model), impl,
+                      spec.default_dropout if dropout is None else dropout, chosen, _head_name(model), impl,
                       arc_options)
     return spec.prepare(model, options)
 

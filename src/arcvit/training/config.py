@@ -9,7 +9,8 @@ from arcvit.errors import ConfigError
 
 ARC_IMPLS = ("fused", "sequential", "lowrank")
 from arcvit.core.config import ARCConfig
-from arcvit.methods.registry import SPECS, arc_settings, is_arc_method
+from arcvit.methods.registry import SPECS, arc_settings, is_arc_method, takes_targets
+from arcvit.methods.targets import parse_targets
 
 PROTOCOL_SPLITS = {  # layout -> protocol -> (train, val, test)
     "vtab": {"final": ("train800val200", None, "test"), "select": ("train800", "val200", "test")},
@@ -47,6 +48,7 @@ class TrainConfig:
     drop_path: float = 0.0
     eval_batch_size: int = 256
     arc_options: dict | None = None  # ARC's extensions over the method's own (ARCConfig fields; docs/methods.md)
+    targets: str | None = None  # the Linears lora, dora, vera adapt (methods/targets.py); None: "att,mlp"
 
     def __post_init__(self) -> None:
         positive = ("lr", "batch_size", "epochs", "devices", "num_nodes", "eval_batch_size")
@@ -84,6 +86,16 @@ class TrainConfig:
         if self.rank is not None and self.rank < 1:
             raise ConfigError(f"rank must be a positive integer, got {self.rank!r}")
         self._check_arc_options()
+        self._check_targets()
+
+    def _check_targets(self) -> None:
+        """``targets`` as "att,mlp" (a recipe may give a list; JSON round-trips it), only for the methods that
+        take it."""
+        if self.targets is None:
+            return
+        self.targets = ",".join(parse_targets(self.targets))
+        if not takes_targets(self.method):
+            raise ConfigError(f"targets apply to lora, dora and vera, not to {self.method}")
 
     def _check_arc_options(self) -> None:
         """ARC's extensions: only for the ARC family, each an ARCConfig field checked as ARCConfig checks it."""

@@ -3,7 +3,8 @@
 Layers, most specific last: ``[defaults]`` < ``[tasks.T]`` < ``[methods.M]`` < ``[tasks.T.methods.M]``, and
 command-line flags above all. A method's own layer beats a task's because learning rates live on a method's
 scale (full fine-tuning needs a far smaller one); a setting for one method on one task goes in
-``[tasks.T.methods.M]``. Rank and adapter dropout in the shared layers reach only methods with an adapter.
+``[tasks.T.methods.M]``. Rank and adapter dropout in the shared layers reach only methods with an adapter,
+targets only the methods that adapt chosen Linears (lora, dora, vera).
 Every name and setting is checked when the file is read, before anything trains.
 """
 from __future__ import annotations
@@ -17,7 +18,7 @@ from typing import Any
 
 from arcvit.data.layouts import task_key
 from arcvit.errors import ArcvitError, ConfigError
-from arcvit.methods.registry import METHODS, SPECS
+from arcvit.methods.registry import METHODS, SPECS, takes_targets
 from arcvit.training.config import TrainConfig
 
 ADAPTER_FIELDS = ("rank", "adapter_dropout")  # only methods with an adapter have them; None: its default
@@ -39,7 +40,13 @@ class Recipe:
         shared = {**self.defaults, **self.tasks.get(task, {})}
         if SPECS[method].default_rank is None:
             shared = {k: v for k, v in shared.items() if k not in ADAPTER_FIELDS}
-        return {**shared, **self.methods.get(method, {}), **self.task_methods.get((task, method), {})}
+        return {**shared_settings(shared, method), **self.methods.get(method, {}),
+                **self.task_methods.get((task, method), {})}
+
+
+def shared_settings(settings: Mapping[str, Any], method: str) -> dict[str, Any]:
+    """Settings given to every method of a recipe or a bench, less ``targets`` for a method that has none."""
+    return {k: v for k, v in settings.items() if k != "targets" or takes_targets(method)}
 
 
 def _layer(value: Any, where: str, reserved: tuple[str, ...]) -> dict[str, Any]:

@@ -137,7 +137,7 @@ def load_run(run: str | Path, checkpoint: str | None = None) -> tuple[nn.Module,
         load_adapter(model, run / ADAPTER_DIR)
         names = (read_adapter_config(run / ADAPTER_DIR).get("extra") or {}).get("class_names")
     else:
-        model = prepare_model(model, cfg.method, rank=cfg.rank, dropout=cfg.adapter_dropout,
+        model = prepare_model(model, cfg.method, rank=cfg.rank, dropout=cfg.adapter_dropout, targets=cfg.targets,
                               arc_options=cfg.arc_options)
         names = _load_trainable(model, run / TRAINABLE_FILE)
     results = _read_json(run / "results.json")
