@@ -3,7 +3,8 @@
 A run folder holds ``settings.json`` (every setting, seed, protocol, data fingerprints, versions),
 ``metrics.csv`` (one row per epoch), ``checkpoints/`` (atomic, checksummed; ``resume=True`` continues from the
 newest good one), ``results.json`` (written last: its presence means the run finished), and the trained
-weights (``adapter/`` for ARC, ``trainable.safetensors`` for the other methods). While a run trains, its folder
+weights, in the method's own format (``MethodSpec.state``: ``adapter/`` for the ARC family,
+``trainable.safetensors`` for the other methods). While a run trains, its folder
 is locked: a second ``train`` into it stops at once (``arcvit.training.runfolder``). A loss or gradient norm that stops
 being finite ends the run with :class:`~arcvit.errors.TrainingDiverged`, and so do validation or test logits that are
 not finite (no accuracy is reported from them); earlier checkpoints stay. settings.json
@@ -36,7 +37,6 @@ from lightning_fabric.utilities.seed import seed_everything
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
 from arcvit.backends import create_backbone
-from arcvit.core.adapter_file import save_adapter
 from arcvit.core.arc import arc_config, is_adapted, shared_sets
 from arcvit.core.basis import init_basis_from_data
 from arcvit.core.params import parameter_breakdown
@@ -46,16 +46,16 @@ from arcvit.data.manifest import data_provenance
 from arcvit.data.transforms import build_transform
 from arcvit.errors import ConfigError, NonFiniteOutput, TrainingDiverged, first_line
 from arcvit.fileio import sha256_file, write_json
-from arcvit.methods import SPECS, prepare_model
+from arcvit.methods import SPECS, prepare_model, save_trained
 from arcvit.training.checkpoint import (LOOP, MODEL, OPTIMIZER, SCHEDULER, SafeCheckpointIO, fabric_load, fabric_save,
                                        load_latest_checkpoint)
 from arcvit.training.config import PROTOCOL_SPLITS, DataSpec, TrainConfig
 from arcvit.training.devices import require_devices
 from arcvit.training.finite import nonfinite_error, nonfinite_items
 from arcvit.training.progress import EpochProgress
-from arcvit.training.runfolder import check_resumable, refuse_to_overwrite, run_lock, started_impl, write_metrics
+from arcvit.training.runfolder import check_resumable, refuse_to_overwrite, run_lock, started_settings, write_metrics
+from arcvit.training.runmodel import method_options
 from arcvit.version import __version__
-from arcvit.training.runmodel import save_trainable
 
 DATA_INIT_IMAGES = 256  # training images whose site inputs set ARC's data-aware bases (basis_init="data")
 
@@ -196,7 +196,7 @@ def train(backbone: str, data: DataSpec, cfg: TrainConfig, out_dir: str | Path, 
     require_devices(cfg.accelerator, cfg.devices)  # before the run folder, the data or the model
     with run_lock(out):
         finished = refuse_to_overwrite(out, resume)
-        cfg = started_impl(out, cfg) if resume else cfg
+        cfg = started_settings(out, cfg) if resume else cfg
         model, splits, settings = _load(backbone, data, cfg, checkpoint, pretrained, evaluate_test)
         if resume:
             check_resumable(out, settings)  # a finished run too: its results answer only the same question
@@ -233,8 +233,7 @@ def _load(backbone: str, data: DataSpec, cfg: TrainConfig, checkpoint: str | Pat
         if role in splits:
             warn_unseen_classes(splits["train"], splits[role])
     model.reset_classifier(splits["train"].num_classes)
-    model = prepare_model(model, cfg.method, rank=cfg.rank, dropout=cfg.adapter_dropout, impl=cfg.arc_impl,
-                          arc_options=cfg.arc_options)
+    model = prepare_model(model, cfg.method, **method_options(cfg))
     _init_bases_from_data(model, splits["train"])
     if cfg.grad_checkpointing and hasattr(model, "set_grad_checkpointing"):
         model.set_grad_checkpointing(True)
@@ -453,11 +452,8 @@ def _finish(run: _Run, state: LoopState, settings: dict[str, Any]) -> dict[str, 
         "images_per_s": round(sum(r["images_per_s"] for r in state.metrics) / max(1, len(state.metrics)), 1),
     }
     if fabric.is_global_zero:
-        if is_adapted(run.raw):
-            save_adapter(run.raw, run.out / "adapter", extra={"task": results["task"], "test_top1": test_top1,
-                                                              "class_names": splits["train"].class_names})
-        else:
-            save_trainable(run.raw, run.out, splits["train"].class_names)
+        save_trained(run.raw, cfg.method, run.out, {"task": results["task"], "test_top1": test_top1,
+                                                    "class_names": splits["train"].class_names})
         write_json(run.out / "results.json", results)
     fabric.barrier()
     return results

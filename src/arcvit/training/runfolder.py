@@ -13,7 +13,7 @@ from typing import Any, Iterator
 
 from arcvit.errors import ConfigError
 from arcvit.fileio import write_text
-from arcvit.methods import is_arc_method
+from arcvit.methods import method_spec
 from arcvit.training.config import RUNTIME_FIELDS, TrainConfig
 
 try:
@@ -101,16 +101,16 @@ def check_resumable(out: Path, now: dict[str, Any]) -> None:
         raise ConfigError(f"{out}: --resume with other settings than the run started with ({'; '.join(changed)})")
 
 
-def started_impl(out: Path, cfg: TrainConfig) -> TrainConfig:
-    """``cfg`` with the ARC impl the run in ``out`` started with: a run of arcvit 0.1 (no ``arc_impl`` in its
-    settings) placed its adapters as ``sequential`` does, and resumes so."""
+def started_settings(out: Path, cfg: TrainConfig) -> TrainConfig:
+    """``cfg`` with what the run in ``out`` started with where its settings predate a field: the method's run
+    format says what such a run ran with (``RunState.legacy``: an ARC run of arcvit 0.1, with no ``arc_impl``,
+    placed its adapters as ``sequential`` does, and resumes so)."""
     try:
         before = json.loads((out / "settings.json").read_text())["train"]
     except (OSError, ValueError, KeyError, TypeError):
         return cfg
-    if is_arc_method(cfg.method) and "arc_impl" not in before and cfg.arc_impl is None:
-        return replace(cfg, arc_impl="sequential")
-    return cfg
+    legacy = method_spec(cfg.method).state.legacy
+    return replace(cfg, **{k: v for k, v in legacy.items() if k not in before and getattr(cfg, k) is None})
 
 
 def write_metrics(path: Path, rows: list[dict[str, Any]]) -> None:

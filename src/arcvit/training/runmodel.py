@@ -1,32 +1,27 @@
 """A finished run folder's trained model, rebuilt as the run built it, so that any mergeable method merges
-from what ``arcvit train`` saved (``arcvit merge --run``).
+from what ``arcvit train`` saved (``arcvit merge --run``) and runs as a merged model (``predict``, ``eval``,
+``export``, ``serve`` with ``--run``).
 
 The run's ``settings.json`` says how its backbone was made (name, checkpoint and its SHA-256, pretrained or
-seeded random weights) and how the method was set up (method, rank, dropout, ARC's impl, seed); the trained
-tensors are ``adapter/`` for the ARC family (arc, arc_att, arc_plus) and ``trainable.safetensors`` for every other method. The backbone is created
-under the run's seed exactly as training created it, so a randomly initialised one is the same too.
+seeded random weights) and how the method was set up (method, rank, dropout, ARC's impl and options, seed); the
+method's own ``MethodSpec.state`` reads its trained state back (``methods/runstate.py``: ``adapter/`` for the ARC
+family, ``trainable.safetensors`` for every other method). The backbone is created under the run's seed exactly
+as training created it, so a randomly initialised one is the same too.
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import torch.nn as nn
 from lightning_fabric.utilities.seed import seed_everything
-from safetensors import SafetensorError, safe_open
 
 from arcvit.backends import create_backbone
 from arcvit.core import headers
-from arcvit.core.adapter_file import load_adapter, read_adapter_config
-from arcvit.errors import ConfigError, ModelError
-from arcvit.fileio import sha256_file, write_safetensors
-from arcvit.methods import is_arc_method, method_spec, prepare_model, trainable_state_dict
+from arcvit.errors import ConfigError
+from arcvit.fileio import sha256_file
+from arcvit.methods import load_trained, merge_for_inference, method_spec, run_state_files
 from arcvit.training.config import TrainConfig
-
-TRAINABLE_FILE = "trainable.safetensors"
-ADAPTER_DIR = "adapter"
-CLASS_NAMES_KEY = "class_names"  # trainable.safetensors metadata: the training split's class names (JSON)
 
 
 def run_inputs(run: str | Path) -> list[Path]:
@@ -37,15 +32,15 @@ def run_inputs(run: str | Path) -> list[Path]:
         recorded = [Path(_read_json(run / "settings.json")["checkpoint"])]
     except (ConfigError, KeyError, TypeError):
         recorded = []
-    return [run / "settings.json", run / "results.json", run / TRAINABLE_FILE, *(run / ADAPTER_DIR).glob("*"),
-            *recorded]
+    state = [run / name for name in run_state_files()]
+    inside = [p for folder in state if folder.is_dir() for p in folder.iterdir()]
+    return [run / "settings.json", run / "results.json", *state, *inside, *recorded]
 
 
-def save_trainable(model: nn.Module, run: str | Path, class_names: list[str] | None) -> None:
-    """The tensors the method trains, as ``trainable.safetensors`` in the run folder, with the class names (so a
-    merged file names its classes as an ARC run's does)."""
-    write_safetensors(Path(run) / TRAINABLE_FILE, trainable_state_dict(model),
-                      metadata={CLASS_NAMES_KEY: json.dumps(class_names)})
+def method_options(cfg: TrainConfig) -> dict[str, Any]:
+    """What a run hands ``prepare_model`` besides the method (training, and rebuilding a finished run, alike)."""
+    return {"rank": cfg.rank, "dropout": cfg.adapter_dropout, "targets": cfg.targets, "impl": cfg.arc_impl,
+            "arc_options": cfg.arc_options}
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -92,34 +87,6 @@ def _backbone_weights(run: Path, settings: dict[str, Any], checkpoint: str | Non
     return str(path)
 
 
-def _load_trainable(model: nn.Module, path: Path) -> list[str] | None:
-    """Load the run's trained tensors into ``model`` (prepared as the run prepared it); return its class names.
-    The file must hold exactly the tensors the method trains, each with the model's shape."""
-    if not path.is_file():
-        raise ConfigError(f"{path}: missing; the run folder holds no trained weights")
-    expected = trainable_state_dict(model)
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            names = (f.metadata() or {}).get(CLASS_NAMES_KEY)
-            found = set(f.keys())
-            if found != set(expected):
-                extra, missing = sorted(found - set(expected)), sorted(set(expected) - found)
-                raise ModelError(f"{path}: holds other tensors than the run's method trains "
-                                 f"(unexpected: {extra[:3]}, missing: {missing[:3]})")
-            tensors = {k: f.get_tensor(k) for k in sorted(found)}
-    except (SafetensorError, OSError) as e:
-        raise ConfigError(f"{path}: not a readable safetensors file ({e})") from None
-    for name, tensor in tensors.items():
-        if tensor.shape != expected[name].shape:
-            raise ModelError(f"{path}: {name} has shape {tuple(tensor.shape)}, the model expects "
-                             f"{tuple(expected[name].shape)}")
-    model.load_state_dict(tensors, strict=False)
-    try:
-        return json.loads(names) if names else None
-    except json.JSONDecodeError:
-        raise ModelError(f"{path}: its {CLASS_NAMES_KEY} metadata is not JSON") from None
-
-
 def load_run(run: str | Path, checkpoint: str | None = None) -> tuple[nn.Module, str, dict[str, Any]]:
     """``run``'s trained model (in eval mode), its method, and what a merged file records of it (``backbone``,
     ``num_classes``, ``class_names``, ``task``). A method that does not merge is refused before anything loads."""
@@ -127,20 +94,21 @@ def load_run(run: str | Path, checkpoint: str | None = None) -> tuple[nn.Module,
     settings, cfg = read_run_settings(run)
     if not method_spec(cfg.method).mergeable:
         raise ConfigError(f"{run}: method {cfg.method} is not mergeable (its adapter stays in the model at "
-                          "inference): nothing to merge")
+                          "inference): --run takes a run of a mergeable method")
     weights = _backbone_weights(run, settings, checkpoint)
     seed_everything(cfg.seed, verbose=False)  # as training: a random backbone is the same random backbone
     model = create_backbone(settings["backbone"], num_classes=1, checkpoint=weights,
                             pretrained=bool(settings.get("pretrained", True)), drop_path_rate=cfg.drop_path)
     model.reset_classifier(int(settings["num_classes"]))
-    if is_arc_method(cfg.method):
-        load_adapter(model, run / ADAPTER_DIR)
-        names = (read_adapter_config(run / ADAPTER_DIR).get("extra") or {}).get("class_names")
-    else:
-        model = prepare_model(model, cfg.method, rank=cfg.rank, dropout=cfg.adapter_dropout, targets=cfg.targets,
-                              arc_options=cfg.arc_options)
-        names = _load_trainable(model, run / TRAINABLE_FILE)
+    model, names = load_trained(model, cfg.method, run, **method_options(cfg))
     results = _read_json(run / "results.json")
     info = {"backbone": settings["backbone"], "num_classes": int(settings["num_classes"]), "class_names": names,
             "task": results.get("task")}
     return model.eval(), cfg.method, info
+
+
+def merged_run(run: str | Path, checkpoint: str | None = None) -> tuple[nn.Module, dict[str, Any]]:
+    """``run``'s trained model merged into a plain one (in eval mode), and what a merged file records of it
+    (``load_run``'s ``info`` with ``method``): what ``predict``, ``eval``, ``export`` and ``serve`` run."""
+    model, method, info = load_run(run, checkpoint)
+    return merge_for_inference(model, method).eval(), info | {"method": method}
