@@ -110,11 +110,13 @@ class Server:
         return self.process.wait(timeout)
 
 
-def start_server(adapters: Path, log: Path, *flags: str, host: str = "127.0.0.1") -> Server:
-    """`arcvit serve` in a subprocess on a free port; returns once /healthz answers (or raises with the log)."""
+def start_server(adapters: Path | None, log: Path, *flags: str, host: str = "127.0.0.1") -> Server:
+    """`arcvit serve` in a subprocess on a free port; returns once /healthz answers (or raises with the log).
+    ``adapters`` None: ``flags`` name what is served (``--run``, ``--onnx``)."""
     port = free_port()
+    source = ["--adapters", str(adapters)] if adapters is not None else []
     with open(log, "w") as handle:  # the child keeps its own copy of the descriptor
-        process = subprocess.Popen([*arcvit_command(), "serve", "--adapters", str(adapters), "--backbone", BACKBONE,
+        process = subprocess.Popen([*arcvit_command(), "serve", *source, "--backbone", BACKBONE,
                                     "--host", host, "--port", str(port), *flags],
                                    stdout=handle, stderr=subprocess.STDOUT, env=subprocess_env())
     server = Server(f"http://{host}:{port}", process, log)

@@ -66,12 +66,39 @@ def _train_flags(p: argparse.ArgumentParser, config_help: str = RECIPE_HELP) -> 
             p.add_argument(flag, type=kind, choices=choices, default=None, help=f"default: {default}")
 
 
+def check_run_flags(args: argparse.Namespace) -> dict:
+    """``--run``'s settings.json; the backbone and how it was made come from it, so a flag that says otherwise is
+    refused."""
+    from arcvit.training.runmodel import read_run_settings
+    settings, _ = read_run_settings(args.run)
+    if args.backbone not in (DEFAULT_BACKBONE, settings["backbone"]):
+        raise ConfigError(f"--backbone {args.backbone}: {args.run} was trained on {settings['backbone']}; "
+                          "drop --backbone")
+    if args.random_init and settings.get("pretrained", True):
+        raise ConfigError(f"--random-init: {args.run} was trained from pretrained weights; drop --random-init")
+    return settings
+
+
+def _run_merged(args: argparse.Namespace):
+    """``--run``: the run's model merged (any mergeable method), and what a merged file records of it."""
+    from arcvit.cli.hubrefs import hub_source
+    from arcvit.training.runmodel import merged_run
+    check_run_flags(args)
+    if getattr(args, "merge", False):
+        raise ConfigError("--merge: a --run is always merged before it runs; drop --merge")
+    model, info = merged_run(args.run, args.checkpoint)
+    return model, info | {"source_adapter": hub_source(args, "run")}
+
+
 def _adapted_model(args: argparse.Namespace):
-    """The backbone with the adapter from ``--adapter`` loaded (or a merged checkpoint from ``--merged``)."""
+    """The backbone with the adapter from ``--adapter`` loaded, a merged checkpoint from ``--merged``, or a run
+    of any mergeable method from ``--run``, merged."""
     import arcvit
     from arcvit.backends import create_backbone
     from arcvit.backends.merged import load_merged
     from arcvit.core.adapter_file import read_adapter_config
+    if getattr(args, "run", None):
+        return _run_merged(args)
     if args.merged:
         if args.checkpoint:  # the merged file holds every weight: a second source would be silently ignored
             raise ConfigError(f"--checkpoint {args.checkpoint}: not read with --merged (the merged file holds every "
@@ -89,11 +116,12 @@ def _adapted_model(args: argparse.Namespace):
 
 
 def _add_model_source(p: argparse.ArgumentParser) -> argparse._MutuallyExclusiveGroup:
-    """The model a command runs (eval, predict): --backbone with --adapter or --merged, and how it runs."""
+    """The model a command runs (eval, predict): --backbone with --adapter, --merged or --run, and how it runs."""
     _add_backbone(p)
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--adapter", help="adapter folder written by `arcvit train` (adapter/)")
     source.add_argument("--merged", help="merged checkpoint written by `arcvit merge`")
+    add_run_option(source)
     p.add_argument("--allow-unverified", action="store_true",
                    help="accept a --merged file whose header has no checksum (older arcvit); its fields "
                         "are still checked")
@@ -101,6 +129,11 @@ def _add_model_source(p: argparse.ArgumentParser) -> argparse._MutuallyExclusive
     p.add_argument("--recipe", default="timm", choices=["timm", "paper"])
     p.add_argument("--accelerator", default="auto", choices=["auto", "cpu", "cuda", "gpu", "mps"])
     return source
+
+
+def add_run_option(source: argparse._MutuallyExclusiveGroup) -> None:
+    source.add_argument("--run", help="run folder of any mergeable method, written by `arcvit train` (its "
+                                      "backbone, settings and trained weights): merged, then run as --merged")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,4 +1,4 @@
-"""``arcvit eval``: top-1 accuracy of an adapter or a merged checkpoint on one split."""
+"""``arcvit eval``: top-1 accuracy of an adapter, a merged checkpoint or a run (merged) on one split."""
 from __future__ import annotations
 
 import argparse
@@ -45,9 +45,9 @@ def cmd_eval(args: argparse.Namespace) -> None:
                          layout=args.layout, skip_corrupt=args.skip_corrupt,
                          allow_outside_root=args.allow_outside_root)
     if dataset.num_classes != meta["num_classes"]:
-        raise ConfigError(f"{dataset.source}: {dataset.num_classes} classes, but the "
-                          f"{'merged checkpoint' if args.merged else 'adapter'} has {meta['num_classes']}: "
-                          "it was trained on another task")
+        source = "run" if args.run else "merged checkpoint" if args.merged else "adapter"
+        raise ConfigError(f"{dataset.source}: {dataset.num_classes} classes, but the {source} has "
+                          f"{meta['num_classes']}: it was trained on another task")
     _warn_other_task(meta, args.task, args.data)
     fabric = Fabric(accelerator=args.accelerator, devices=1)
     top1 = evaluate(fabric, fabric.setup_module(model), dataset, args.batch_size)

@@ -9,7 +9,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from arcvit.cli import _add_backbone, _add_data
+from arcvit.cli import _add_backbone, _add_data, add_run_option
 from arcvit.cli.bounds import CHECK_BATCH_SIZE
 from arcvit.errors import ConfigError
 from arcvit.export.runtime import OPSETS
@@ -27,6 +27,7 @@ def add_export_parser(sub: argparse._SubParsersAction) -> None:
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--adapter", help="adapter folder written by `arcvit train`: exported merged")
     source.add_argument("--merged", help="merged checkpoint written by `arcvit merge`")
+    add_run_option(source)
     source.add_argument("--adapters", help="folder of adapter folders (one per task, its name = the task) on "
                                            "--backbone: one graph with inputs pixel_values and task_ids")
     p.add_argument("--allow-unverified", action="store_true",
@@ -56,6 +57,9 @@ def _inputs(args: argparse.Namespace) -> list[Path]:
     if args.adapters and Path(args.adapters).is_dir():
         folders += [p for p in Path(args.adapters).iterdir() if p.is_dir()]
     files = [p for folder in folders if folder.is_dir() for p in folder.iterdir()]
+    if args.run:
+        from arcvit.training.runmodel import run_inputs
+        files += run_inputs(args.run)
     return files + [Path(p) for p in (args.merged, args.checkpoint) if p]
 
 
@@ -142,7 +146,7 @@ def _evaluation(datasets, names: list[str], split: str, many: bool):
 
 
 def _single(args: argparse.Namespace):
-    """The merged model (from --adapter, merged here, or --merged) and its metadata."""
+    """The merged model (from --adapter or --run, merged here, or --merged) and its metadata."""
     import arcvit
     from arcvit.cli import _adapted_model
     from arcvit.cli.hubrefs import hub_source
@@ -158,6 +162,8 @@ def _single(args: argparse.Namespace):
     if args.adapter:
         source = {"adapter": hub_source(args, "adapter"), "adapter_sha256": meta.get("weights_sha256"),
                   "backbone_fingerprint": meta["backbone"]["fingerprint"]}
+    elif args.run:
+        source = {"run": meta["source_adapter"], "method": meta["method"]}
     else:
         source = {"merged": hub_source(args, "merged"), "source_adapter": meta.get("source_adapter")}
     name = (meta.get("extra") or {}).get("task") or meta.get("task") or "default"

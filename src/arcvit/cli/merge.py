@@ -6,8 +6,7 @@ import json
 import os
 from pathlib import Path
 
-from arcvit.backends.timm.zoo import DEFAULT_BACKBONE
-from arcvit.cli import _adapted_model, _add_backbone
+from arcvit.cli import _adapted_model, _add_backbone, check_run_flags
 from arcvit.cli.hubrefs import hub_source
 from arcvit.errors import ConfigError
 
@@ -44,15 +43,9 @@ def _check_merge_out(out: Path, args: argparse.Namespace) -> None:
 
 
 def _run_model(args: argparse.Namespace):
-    """``--run``: the run's trained model and method, and what the merged file records; the backbone and how it
-    was made come from the run's settings.json, so a flag that says otherwise is refused."""
-    from arcvit.training.runmodel import load_run, read_run_settings
-    settings, _ = read_run_settings(args.run)
-    if args.backbone not in (DEFAULT_BACKBONE, settings["backbone"]):
-        raise ConfigError(f"--backbone {args.backbone}: {args.run} was trained on {settings['backbone']}; "
-                          "drop --backbone")
-    if args.random_init and settings.get("pretrained", True):
-        raise ConfigError(f"--random-init: {args.run} was trained from pretrained weights; drop --random-init")
+    """``--run``: the run's trained model and method, and what the merged file records."""
+    from arcvit.training.runmodel import load_run
+    check_run_flags(args)
     if args.inplace:
         raise ConfigError("--inplace: only with --adapter (a run's model is merged into a copy)")
     model, method, info = load_run(args.run, args.checkpoint)

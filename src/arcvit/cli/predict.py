@@ -1,4 +1,5 @@
-"""``arcvit predict``: label images with an adapter, a merged checkpoint or an exported ONNX file."""
+"""``arcvit predict``: label images with an adapter, a merged checkpoint, a run (merged) or an exported ONNX
+file."""
 from __future__ import annotations
 
 import argparse

@@ -17,6 +17,8 @@ def add_serve_parser(sub: argparse._SubParsersAction) -> None:
                              "[@REVISION]: task NAME from a Hub repo (repeat for more; at most one folder)")
     source.add_argument("--onnx", metavar="FILE", help="an ONNX file written by `arcvit export`, run by ONNX Runtime "
                         "(its tasks are fixed: PUT/DELETE answer 409)")
+    source.add_argument("--run", help="run folder of any mergeable method, written by `arcvit train`: merged, "
+                                      "served as its one task (named as the run's task; PUT/DELETE answer 409)")
     _add_backbone(p)
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: this machine only)")
     p.add_argument("--port", default="8000", help="0 to 65535 (default 8000)")
@@ -40,8 +42,8 @@ def _check(args: argparse.Namespace) -> None:
     _adapter_entries(args)
     if args.adapters and not Path(args.adapters).is_dir():
         raise ConfigError(f"--adapters {args.adapters}: no such folder")
-    if args.onnx and args.merged:
-        raise ConfigError("--merged TASK applies to --adapters; an ONNX file is already one graph")
+    if (args.onnx or args.run) and args.merged:
+        raise ConfigError("--merged TASK applies to --adapters; an ONNX file or a --run is already one graph")
     args.port = options.whole_number(args.port, "--port", 0, 65535)
     args.max_batch = options.whole_number(args.max_batch, "--max-batch", 1, 4096)
     args.decode_workers = options.whole_number(args.decode_workers, "--decode-workers", 1, 64)
@@ -96,10 +98,27 @@ def _onnx_model(path: str):
     return model
 
 
+def _run_task(args: argparse.Namespace):
+    """``--run``: the run's model merged, served as the run's task."""
+    from arcvit.cli import _run_merged
+    from arcvit.methods import method_spec
+    from arcvit.serving.plain import PlainTask
+    from arcvit.serving.tasks import TaskInfo, check_task_name
+    from arcvit.training.runmodel import read_run_settings
+    model, info = _run_merged(args)
+    classes = info["num_classes"]
+    names = info["class_names"] if len(info["class_names"] or ()) == classes else [str(i) for i in range(classes)]
+    rank = (read_run_settings(args.run)[1].rank or method_spec(info["method"]).default_rank) or 0
+    task = TaskInfo(check_task_name(str(info["task"])), classes, tuple(map(str, names)), info["method"], rank,
+                    info["backbone"], Path(args.run))
+    print(f"arcvit serve: task {task.name} ({task.method}, merged) from {args.run}", file=sys.stderr)
+    return PlainTask(model, task)
+
+
 def cmd_serve(args: argparse.Namespace) -> None:
     from arcvit.serving import ServeSettings, serve
     _check(args)
-    model = _onnx_model(args.onnx) if args.onnx else _multitask(args)
+    model = _onnx_model(args.onnx) if args.onnx else _run_task(args) if args.run else _multitask(args)
     settings = ServeSettings(adapters=Path(args.adapters) if args.adapters else None, token=args.token,
                              max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, max_upload_mb=args.max_upload_mb,
                              allowed_hosts=args.allowed_hosts, decode_workers=args.decode_workers)
