@@ -3,26 +3,24 @@
 Train ~0.1% of a pretrained ViT's parameters, then fold the adapters into the backbone and serve the
 plain model at exactly its original cost.
 """
-# first: core/adapter_file.py reads it from here while this package loads
+from arcvit.backends.on_import import register_backends
 from arcvit.version import __version__
 
-# isort: split
-from arcvit.backends import timm as _timm  # noqa: E402,F401  (registers timm's block specs and the shipped ViT)
-from arcvit.core.adapter_file import load_adapter, save_adapter  # noqa: E402
-from arcvit.core.arc import apply_arc, merge, trainable_parameters  # noqa: E402
-from arcvit.core.config import ARCConfig  # noqa: E402
-from arcvit.core.params import arc_parameter_count  # noqa: E402
-from arcvit.core.specs import register_lazy_backend as _register_lazy_backend  # noqa: E402
-from arcvit.errors import ArcvitError  # noqa: E402
+register_backends()
 
-_register_lazy_backend("transformers.", "arcvit.backends.transformers")
-
-__all__ = ["ARCConfig", "ArcvitError", "MultiTask", "apply_arc", "merge", "trainable_parameters", "save_adapter",
-           "load_adapter", "arc_parameter_count", "__version__"]
+_API = {  # public name -> module it comes from, imported on first use: `arcvit --help` loads no torch
+    "ARCConfig": "arcvit.core.config", "ArcvitError": "arcvit.errors", "MultiTask": "arcvit.serving.multitask",
+    "apply_arc": "arcvit.core.arc", "merge": "arcvit.core.arc", "trainable_parameters": "arcvit.core.arc",
+    "save_adapter": "arcvit.core.adapter_file", "load_adapter": "arcvit.core.adapter_file",
+    "arc_parameter_count": "arcvit.core.params",
+}
+__all__ = [*_API, "__version__"]
 
 
 def __getattr__(name: str):
-    if name == "MultiTask":  # imported on first use: `arcvit --help` does not load the serving package
-        from arcvit.serving.multitask import MultiTask
-        return MultiTask
-    raise AttributeError(f"module 'arcvit' has no attribute {name!r}")
+    if name not in _API:
+        raise AttributeError(f"module 'arcvit' has no attribute {name!r}")
+    from importlib import import_module
+    value = getattr(import_module(_API[name]), name)
+    globals()[name] = value  # found directly from now on
+    return value

@@ -6,10 +6,13 @@ local folder) goes to the transformers backend, imported only then; any other na
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from torch import nn
+if TYPE_CHECKING:
+    from torch import nn
 
 TRANSFORMERS_PREFIX = "transformers:"
+DEFAULT_BACKBONE = "vit_pico_patch7_28.fmnist_arcvit"  # the shipped self-pretrained ViT (backends/timm/zoo.py)
 
 
 def backbone_name(name: str) -> str:

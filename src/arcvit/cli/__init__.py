@@ -7,8 +7,7 @@ import warnings
 from dataclasses import fields
 from typing import Sequence
 
-from arcvit.backends import backbone_name
-from arcvit.backends.timm.zoo import DEFAULT_BACKBONE
+from arcvit.backends import DEFAULT_BACKBONE, backbone_name
 from arcvit.cli.hubrefs import pulled_sources
 from arcvit.errors import ArcvitError, ConfigError, DataWarning
 
@@ -136,28 +135,41 @@ def add_run_option(source: argparse._MutuallyExclusiveGroup) -> None:
                                       "backbone, settings and trained weights): merged, then run as --merged")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from arcvit.cli import (
-        bench,
-        data,
-        demo,
-        evaluate,
-        export,
-        merge,
-        params,
-        predict,
-        push,
-        serve,
-        train,
-        tune,
-    )
+COMMANDS = {  # command -> (module under arcvit.cli, the function there that adds its parser, its line in --help)
+    "train": ("train", "add_train_parser", "adapt a backbone to one task (ARC or a baseline)"),
+    "eval": ("evaluate", "add_eval_parser", "top-1 accuracy of an adapter (or merged checkpoint) on a split"),
+    "predict": ("predict", "add_predict_parser", "label images"),
+    "merge": ("merge", "add_merge_parser", "fold an adapter (or a run of any mergeable method) into the backbone: a "
+                                           "plain timm checkpoint"),
+    "params": ("params", "add_params_parser", "trainable parameter counts and memory estimates"),
+    "demo": ("demo", "add_demo_parser", "offline demo: adapt the shipped ViT to real package data sets"),
+    "tune": ("tune", "add_tune_command", "search a method's settings for a task on its validation split (Optuna)"),
+    "bench": ("bench", "add_bench_parser", "benchmark methods over a suite of tasks and seeds, with a VTAB-style "
+                                           "report"),
+    "report": ("bench", "add_report_parser", "rebuild a bench's table, CSV/JSON and plot from its run folders"),
+    "serve": ("serve", "add_serve_parser", "serve every adapter under a folder on one backbone (HTTP API + web page)"),
+    "data": ("data", "add_data_commands", "prepare and verify VTAB-1k / FGVC data roots (MANIFEST.json)"),
+    "export": ("export", "add_export_parser", "the merged model, or many tasks in one graph, as a checked ONNX file"),
+    "push": ("push", "add_push_parser", "upload an adapter, run, merged file or ONNX file to the Hugging Face Hub"),
+}
+
+
+def command_help(command: str) -> str:
+    """The command's line in ``arcvit --help``, for the module that adds its parser."""
+    return COMMANDS[command][2]
+
+
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """Every command's parser; with ``only``, that command's alone and just a help line for each other one, so a
+    command's options (and all they import: torch, timm, ...) are built only when it runs (``""``: none)."""
+    from importlib import import_module
     parser = _Parser(prog="arcvit", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    for add_commands in (train.add_train_parser, evaluate.add_eval_parser, predict.add_predict_parser,
-                         merge.add_merge_parser, params.add_params_parser, demo.add_demo_parser,
-                         tune.add_tune_command, bench.add_bench_commands, serve.add_serve_parser,
-                         data.add_data_commands, export.add_export_parser, push.add_push_parser):
-        add_commands(sub)
+    for command, (module, add, text) in COMMANDS.items():
+        if only is None or only == command:
+            getattr(import_module(f"arcvit.cli.{module}"), add)(sub)
+        else:
+            sub.add_parser(command, help=text)
     return parser
 
 
@@ -179,7 +191,8 @@ def _show_warning(command: str):
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
+    parser = build_parser(only=argv[0] if argv and argv[0] in COMMANDS else "")
     args = parser.parse_args(argv)
     try:
         with warnings.catch_warnings():

@@ -6,11 +6,10 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from arcvit.backends import backbone_name
-from arcvit.backends.timm.zoo import DEFAULT_BACKBONE
+from arcvit.backends import DEFAULT_BACKBONE, backbone_name
 from arcvit.bench.report import SUITES, build_report, collect_runs
 from arcvit.bench.runner import SUITE_RUNS, run_bench
-from arcvit.cli import bounds
+from arcvit.cli import bounds, command_help
 from arcvit.errors import ArcvitError
 from arcvit.methods import METHODS
 from arcvit.training.storage_url import storage_flag
@@ -68,9 +67,9 @@ def cmd_report(args: argparse.Namespace) -> None:
             print(Path(args.dir) / name)
 
 
-def add_bench_commands(sub: argparse._SubParsersAction) -> None:
-    """The ``bench`` and ``report`` subcommands (``sub`` makes arcvit's own parsers)."""
-    p = sub.add_parser("bench", help="benchmark methods over a suite of tasks and seeds, with a VTAB-style report",
+def add_bench_parser(sub: argparse._SubParsersAction) -> None:
+    """The ``bench`` subcommand (``sub`` makes arcvit's own parsers)."""
+    p = sub.add_parser("bench", help=command_help("bench"),
                        description=__doc__)
     p.add_argument("--suite", required=True, choices=SUITE_RUNS,
                    help="mini: offline, built under OUT/data (or --data); vtab1k: 19 NOAH folders; fgvc: 5 VPT folders")
@@ -112,7 +111,10 @@ def add_bench_commands(sub: argparse._SubParsersAction) -> None:
                         "run resumes from its checkpoint (default: workers send each run's files back)")
     p.set_defaults(func=cmd_bench)
 
-    p = sub.add_parser("report", help="rebuild a bench's table, CSV/JSON and plot from its run folders")
+
+def add_report_parser(sub: argparse._SubParsersAction) -> None:
+    """The ``report`` subcommand (``sub`` makes arcvit's own parsers)."""
+    p = sub.add_parser("report", help=command_help("report"))
     p.add_argument("dir", help="a bench results folder (the --out of `arcvit bench`)")
     p.add_argument("--suite", choices=SUITES, help="default: the bench's own, from its bench.json")
     p.add_argument("--force", action="store_true",

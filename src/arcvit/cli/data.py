@@ -5,6 +5,7 @@ import argparse
 import json
 import sys
 
+from arcvit.cli import command_help
 from arcvit.cli.bounds import GIGABYTES, MEGABYTES
 from arcvit.errors import ConfigError, DataError
 
@@ -67,7 +68,7 @@ def cmd_verify(args: argparse.Namespace) -> None:
 
 def add_data_commands(sub: argparse._SubParsersAction) -> None:
     """The ``data`` command group (``sub`` makes arcvit's own parsers)."""
-    group = sub.add_parser("data", help="prepare and verify VTAB-1k / FGVC data roots (MANIFEST.json)")
+    group = sub.add_parser("data", help=command_help("data"))
     cmds = group.add_subparsers(dest="data_command", required=True, parser_class=type(group),
                                 metavar="{prepare,verify}")
 

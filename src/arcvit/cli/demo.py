@@ -3,11 +3,11 @@ from __future__ import annotations
 
 import argparse
 
-from arcvit.cli import bounds
+from arcvit.cli import bounds, command_help
 
 
 def add_demo_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("demo", help="offline demo: adapt the shipped ViT to real package data sets")
+    p = sub.add_parser("demo", help=command_help("demo"))
     p.add_argument("--out", default="runs/demo")
     p.add_argument("--epochs", type=bounds.EPOCHS, default=None, help="override the demo's epoch count")
     p.add_argument("--quiet", action="store_true")

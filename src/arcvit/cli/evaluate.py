@@ -7,13 +7,13 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from arcvit.cli import _adapted_model, _add_data, _add_model_source, bounds
+from arcvit.cli import _adapted_model, _add_data, _add_model_source, bounds, command_help
 from arcvit.cli.hubrefs import pulled
 from arcvit.errors import ConfigError, DataWarning
 
 
 def add_eval_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("eval", help="top-1 accuracy of an adapter (or merged checkpoint) on a split")
+    p = sub.add_parser("eval", help=command_help("eval"))
     _add_model_source(p)
     _add_data(p, split=True)
     p.add_argument("--batch-size", type=bounds.BATCH_SIZE, default=256)

@@ -9,7 +9,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from arcvit.cli import _add_backbone, _add_data, add_run_option
+from arcvit.cli import _add_backbone, _add_data, add_run_option, command_help
 from arcvit.cli.bounds import CHECK_BATCH_SIZE
 from arcvit.errors import ConfigError
 from arcvit.export.runtime import OPSETS
@@ -19,7 +19,7 @@ EVAL_BATCH = 32
 
 
 def add_export_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("export", help="the merged model, or many tasks in one graph, as a checked ONNX file",
+    p = sub.add_parser("export", help=command_help("export"),
                        description="Export, then check ONNX Runtime against PyTorch (batch 1 and a larger batch: "
                                    "max |dlogit| <= 1e-4 x max |logit|, identical argmax) before the file is kept. "
                                    "Images for the check: the first of --data's --split, else generated ones.")

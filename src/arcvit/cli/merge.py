@@ -6,14 +6,13 @@ import json
 import os
 from pathlib import Path
 
-from arcvit.cli import _adapted_model, _add_backbone, check_run_flags
+from arcvit.cli import _adapted_model, _add_backbone, check_run_flags, command_help
 from arcvit.cli.hubrefs import hub_source
 from arcvit.errors import ConfigError
 
 
 def add_merge_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("merge", help="fold an adapter (or a run of any mergeable method) into the backbone: a plain "
-                                     "timm checkpoint")
+    p = sub.add_parser("merge", help=command_help("merge"))
     _add_backbone(p)
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--adapter", help="adapter folder written by `arcvit train` (adapter/)")

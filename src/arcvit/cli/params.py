@@ -4,12 +4,12 @@ from __future__ import annotations
 import argparse
 import json
 
-from arcvit.cli import _add_backbone, bounds
+from arcvit.cli import _add_backbone, bounds, command_help
 
 
 def add_params_parser(sub: argparse._SubParsersAction) -> None:
     from arcvit.methods import METHODS
-    p = sub.add_parser("params", help="trainable parameter counts and memory estimates")
+    p = sub.add_parser("params", help=command_help("params"))
     _add_backbone(p)
     p.add_argument("--method", default="arc", choices=METHODS)
     p.add_argument("--rank", type=bounds.RANK, default=None)

@@ -5,12 +5,12 @@ from __future__ import annotations
 import argparse
 import json
 
-from arcvit.cli import _adapted_model, _add_model_source
+from arcvit.cli import _adapted_model, _add_model_source, command_help
 from arcvit.cli.hubrefs import pulled
 
 
 def add_predict_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("predict", help="label images")
+    p = sub.add_parser("predict", help=command_help("predict"))
     source = _add_model_source(p)
     p.add_argument("images", nargs="+", help="image files")
     source.add_argument("--onnx", help="ONNX file written by `arcvit export`, run by ONNX Runtime")

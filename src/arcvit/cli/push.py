@@ -5,9 +5,11 @@ from __future__ import annotations
 import argparse
 import json
 
+from arcvit.cli import command_help
+
 
 def add_push_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("push", help="upload an adapter, run, merged file or ONNX file to the Hugging Face Hub",
+    p = sub.add_parser("push", help=command_help("push"),
                        description="Upload with huggingface_hub (token: HF_TOKEN or `hf auth login`; endpoint: "
                                    "HF_ENDPOINT): the files (safetensors, JSON, ONNX; never a checkpoint or a "
                                    "pickle), arcvit.json (every file's SHA-256) and a model card whose numbers "

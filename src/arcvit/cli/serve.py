@@ -9,8 +9,8 @@ from arcvit.errors import ConfigError
 
 
 def add_serve_parser(sub: argparse._SubParsersAction) -> None:
-    from arcvit.cli import _add_backbone
-    p = sub.add_parser("serve", help="serve every adapter under a folder on one backbone (HTTP API + web page)")
+    from arcvit.cli import _add_backbone, command_help
+    p = sub.add_parser("serve", help=command_help("serve"))
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--adapters", action="append", metavar="FOLDER_OR_TASK",
                         help="folder with one adapter folder per task (its name = task), or NAME=hf-hub:ORG/NAME"

@@ -5,11 +5,11 @@ import argparse
 import json
 from dataclasses import fields
 
-from arcvit.cli import _add_backbone, _add_data, _train_flags
+from arcvit.cli import _add_backbone, _add_data, _train_flags, command_help
 
 
 def add_train_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("train", help="adapt a backbone to one task (ARC or a baseline)")
+    p = sub.add_parser("train", help=command_help("train"))
     _add_backbone(p)
     _add_data(p)
     _train_flags(p)

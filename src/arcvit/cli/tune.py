@@ -5,7 +5,7 @@ import argparse
 import json
 from dataclasses import fields
 
-from arcvit.cli import RECIPE_HELP, _add_backbone, _add_data, _train_flags, bounds
+from arcvit.cli import RECIPE_HELP, _add_backbone, _add_data, _train_flags, bounds, command_help
 from arcvit.cli.bench import add_ray_flags, ray_executor
 from arcvit.training.storage_url import storage_flag
 
@@ -29,7 +29,7 @@ def cmd_tune(args: argparse.Namespace) -> None:
 
 def add_tune_command(sub: argparse._SubParsersAction) -> None:
     """The ``tune`` subcommand (``sub`` makes arcvit's own parsers)."""
-    p = sub.add_parser("tune", help="search a method's settings for a task on its validation split (Optuna)",
+    p = sub.add_parser("tune", help=command_help("tune"),
                        description="Train on train800 and score val200 (FGVC, ImageFolder: train -> val) for each "
                                    "trial; the test split is never opened. Every training flag given fixes that "
                                    "setting for all trials. Writes STUDY_DIR/study.db, trials.csv, best.toml (a "

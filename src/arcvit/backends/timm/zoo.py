@@ -14,12 +14,12 @@ from pathlib import Path
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
 
+from arcvit.backends import DEFAULT_BACKBONE
+
 WEIGHTS_DIR = Path(__file__).resolve().parents[2] / "weights"
-PICO_NAME = "vit_pico_patch7_28"
-PICO_TAG = "fmnist_arcvit"
+PICO_NAME, PICO_TAG = DEFAULT_BACKBONE.split(".")
 PICO_WEIGHTS = WEIGHTS_DIR / f"{PICO_NAME}.{PICO_TAG}.safetensors"
 PICO_PROVENANCE = WEIGHTS_DIR / f"{PICO_NAME}.{PICO_TAG}.json"
-DEFAULT_BACKBONE = f"{PICO_NAME}.{PICO_TAG}"
 
 # Fashion-MNIST pixel statistics (grey, replicated over the three input channels).
 FMNIST_MEAN = (0.2860, 0.2860, 0.2860)
