@@ -259,7 +259,7 @@ def test_merge_inplace(family):
         assert_close_rel(merged(x), out, 1e-4)
     assert arcvit_modules(merged) == []
     assert list(merged.state_dict()) == list(plain.state_dict())
-    with pytest.raises(ModelError):  # nothing left to merge
+    with pytest.raises(ModelError, match="has no ARC adapters"):  # nothing left to merge
         arcvit.merge(merged)
 
 
@@ -597,7 +597,7 @@ def test_pickle_in_place_of_safetensors_is_rejected_without_unpickling(saved, tm
 
 
 def test_save_unadapted_model_fails(tmp_path):
-    with pytest.raises(ModelError):
+    with pytest.raises(ModelError, match="^VisionTransformer has no ARC adapters"):
         arcvit.save_adapter(build("vit"), tmp_path / "x")
     assert not (tmp_path / "x").exists()
 
@@ -666,12 +666,16 @@ def test_apply_twice_is_a_model_error():
         arcvit.apply_arc(model, arcvit.ARCConfig(rank=4))
 
 
-@pytest.mark.parametrize("kwargs", [
-    dict(rank=0), dict(rank=-3), dict(rank=2.5), dict(mode="x"), dict(dropout=1.5), dict(dropout=-0.1),
-    dict(impl="fast"), dict(blocks=()), dict(blocks=(-1,)),
-], ids=lambda k: ",".join(f"{a}={b}" for a, b in k.items()))
-def test_invalid_config(kwargs):
-    with pytest.raises(ConfigError):
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(rank=0), "^rank must be a positive integer, got 0$"), (dict(rank=-3), "^rank must be a positive integer"),
+    (dict(rank=2.5), "^rank must be a positive integer, got 2.5"), (dict(mode="x"), "^mode must be 'arc' or"),
+    (dict(dropout=1.5), r"^dropout must be in \[0, 1\), got 1.5"), (dict(dropout=-0.1), r"^dropout must be in \[0, 1\)"),
+    (dict(impl="fast"), "^impl must be 'fused', 'lowrank' or 'sequential', got 'fast'"),
+    (dict(blocks=()), r"^blocks must be non-negative block indices, got \(\)"),
+    (dict(blocks=(-1,)), r"^blocks must be non-negative block indices, got \(-1,\)"),
+], ids=lambda k: ",".join(f"{a}={b}" for a, b in k.items()) if isinstance(k, dict) else "")
+def test_invalid_config(kwargs, message):
+    with pytest.raises(ConfigError, match=message):
         arcvit.ARCConfig(**kwargs)
 
 

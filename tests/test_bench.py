@@ -122,7 +122,7 @@ def fake_train(fail: set[str] = frozenset(), interrupt_after: int | None = None)
     def fit(backbone, data, cfg, out_dir, **kwargs):
         calls.append((data.task, cfg.method, cfg.seed))
         if interrupt_after is not None and len(calls) > interrupt_after:
-            raise KeyboardInterrupt
+            raise KeyboardInterrupt(f"after {interrupt_after} runs")
         if cfg.method in fail:
             raise DataError(f"{data.task}: broken image")
         return write_run(Path(out_dir), data.task, cfg, 0.5, backbone)
@@ -143,7 +143,7 @@ def test_failed_and_interrupted_runs_resume(tmp_path, monkeypatch, mini_data, ca
     kw = dict(data=mini_data, tasks=MINI, methods=["linear", "arc"], seeds=[0, 1], backbone="vit_pico_patch7_28",
               pretrained=False, mini_test_size=20)
     monkeypatch.setattr(bench, "train", fake_train(interrupt_after=3))
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(KeyboardInterrupt, match="^after 3 runs$"):
         run_bench("mini", out, **kw)
     assert "- runs: 3 finished, 0 failed, 5 outstanding" in (out / "report.md").read_text()
 

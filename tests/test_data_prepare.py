@@ -121,10 +121,10 @@ def test_interrupted_prepare_leaves_no_task_that_looks_finished(tmp_path, archiv
     def interrupted(*args, **kwargs):
         checked.append(args[2])
         if len(checked) == 2:
-            raise KeyboardInterrupt
+            raise KeyboardInterrupt(f"checking {args[2]}")
         return real(*args, **kwargs)
     monkeypatch.setattr(prep, "verify_task", interrupted)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(KeyboardInterrupt, match="^checking "):
         prep.prepare("vtab1k", root, "archive", path=str(archive), tasks=list(TASKS), check_sizes=False)
     assert sorted(p.name for p in root.iterdir()) == [MANIFEST, "cifar"]
     assert list(read_manifest(root)["tasks"]) == ["cifar"]

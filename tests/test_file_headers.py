@@ -384,9 +384,25 @@ def test_broken_transformers_folder_is_one_line_in_every_command(case, damage, w
 
 
 def test_good_transformers_folder_loads(hf_folder, capsys):
-    code, out, err = call(["params", "--backbone", f"transformers:{hf_folder / 'vit'}", "--num-classes", "6",
-                           "--rank", "8"], capsys)
+    """The folder's own weights, not fresh ones: the backbone arcvit builds computes what transformers' own loader
+    gives, and ``params`` counts what ARC trains on it."""
+    from arcvit.backends import create_backbone
+    from arcvit.methods import prepare_model
+    folder = hf_folder / "vit"
+    code, out, err = call(["params", "--backbone", f"transformers:{folder}", "--num-classes", "6", "--rank", "8"],
+                          capsys)
     assert code == 0, err
+    model = create_backbone(f"transformers:{folder}", NUM_CLASSES).eval()
+    saved = transformers.ViTModel.from_pretrained(folder, add_pooling_layer=False).eval()
+    loaded = model.model.state_dict()
+    assert list(loaded) == list(saved.state_dict())
+    assert all(torch.equal(loaded[k], v) for k, v in saved.state_dict().items())
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(model.model(pixel_values=x).last_hidden_state,
+                                   saved(pixel_values=x).last_hidden_state, rtol=0, atol=0)
+    trained = prepare_model(model, "arc", rank=8)
+    assert json.loads(out)["trainable_params"] == sum(p.numel() for p in trained.parameters() if p.requires_grad)
 
 
 # --------------------------------------------------------------------------------------------- list files

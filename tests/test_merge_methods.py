@@ -100,7 +100,7 @@ def test_bad_runs_one_line_each(runs, tiny_data, tmp_path, capsys):
     (pretrained / "settings.json").write_text(json.dumps(settings | {"pretrained": True}))
     code, _, err = _cli(capsys, "merge", "--run", pretrained, "--random-init", "--out", tmp_path / "n.safetensors")
     assert code == 1 and "was trained from pretrained weights; drop --random-init" in _one_line(err)
-    with pytest.raises(SystemExit) as stop:
+    with pytest.raises(SystemExit, match="^2$") as stop:
         main(["merge", "--run", str(runs["ssf"]), "--adapter", str(runs["arc"] / "adapter"), "--out", str(out)])
     assert stop.value.code == 2 and "not allowed with argument --run" in _one_line(capsys.readouterr().err)
     assert not (tmp_path / "n.safetensors").exists()

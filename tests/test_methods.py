@@ -137,12 +137,16 @@ def test_unknown_method_lists_the_choices():
         merge_for_inference(tiny_vit(), "prefix_tuning")
 
 
-@pytest.mark.parametrize("method,options", [
-    ("linear", {"rank": 4}), ("bitfit", {"dropout": 0.1}), ("lora", {"rank": 0}), ("adaptformer", {"dropout": 1.0}),
-    ("lora", {"targets": ("no_such_layer",)}), ("vera", {"targets": ("attn",)}),  # attn is not a Linear
+@pytest.mark.parametrize("method,options,message", [
+    ("linear", {"rank": 4}, "^linear has no rank or dropout to set"),
+    ("bitfit", {"dropout": 0.1}, "^bitfit has no rank or dropout to set"),
+    ("lora", {"rank": 0}, "^rank must be a positive integer, got 0"),
+    ("adaptformer", {"dropout": 1.0}, r"^dropout must be in \[0, 1\), got 1.0"),
+    ("lora", {"targets": ("no_such_layer",)}, "^lora targets no_such_layer: no such position or Linear"),
+    ("vera", {"targets": ("attn",)}, "^vera targets attn: no such position or Linear"),  # attn is not a Linear
 ])
-def test_bad_options_raise_config_error(method, options):
-    with pytest.raises(ConfigError):
+def test_bad_options_raise_config_error(method, options, message):
+    with pytest.raises(ConfigError, match=message):
         prepare_model(tiny_vit(), method, **options)
 
 
@@ -150,7 +154,7 @@ def test_a_model_is_prepared_once_and_merged_by_its_own_method():
     model = prepare_model(tiny_vit(), "lora")
     with pytest.raises(ModelError, match="already carries adapters"):
         prepare_model(model, "bitfit")
-    with pytest.raises(ModelError):
+    with pytest.raises(ModelError, match="^vera: expected the PEFT model prepare_model returned, got PeftModel"):
         merge_for_inference(model, "vera")
-    with pytest.raises(ModelError):
+    with pytest.raises(ModelError, match="^VisionTransformer carries adapters that linear does not add"):
         merge_for_inference(prepare_model(tiny_vit(), "adaptformer"), "linear")

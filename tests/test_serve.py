@@ -7,6 +7,7 @@ tasks load, reload and unload; a corrupt or foreign adapter is refused while the
 from __future__ import annotations
 
 import functools
+import re
 import shutil
 
 import pytest
@@ -143,8 +144,14 @@ def test_add_remove_reload(family_tasks, tmp_path):
                                    rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("damage", ["truncate", "flip", "config", "other_backbone", "missing"])
-def test_a_bad_adapter_is_refused_and_the_others_keep_serving(family_tasks, tmp_path, damage):
+@pytest.mark.parametrize("damage,message", [
+    ("truncate", r"adapter\.safetensors: checksum does not match adapter_config\.json \(truncated or corrupt file\)$"),
+    ("flip", r"adapter\.safetensors: checksum does not match adapter_config\.json"),
+    ("config", r"adapter_config\.json: not valid JSON"),
+    ("other_backbone", "bad: the backbone weights differ from those the adapter was trained on"),
+    ("missing", r"adapter\.safetensors: missing$"),
+])
+def test_a_bad_adapter_is_refused_and_the_others_keep_serving(family_tasks, tmp_path, damage, message):
     family, root = family_tasks
     multi = loaded(family, root)
     x, tasks = images(family, 4), ["a", "b", "c.v2", "d"]
@@ -169,7 +176,7 @@ def test_a_bad_adapter_is_refused_and_the_others_keep_serving(family_tasks, tmp_
     else:
         weights.unlink()
     for name in ("a", "new"):  # neither a reload nor a new task gets through
-        with pytest.raises(AdapterFileError):
+        with pytest.raises(AdapterFileError, match=message):
             multi.add(name, bad)
     assert list(multi.tasks) == list(TASKS)
     for got, want in zip(multi.predict(x, tasks), before):
@@ -190,6 +197,6 @@ def test_task_names_are_plain_folder_names(family_tasks):
     family, root = family_tasks
     multi = MultiTask(backbone(family))
     for name in ("../a", "all", "", ".hidden", "a/b"):
-        with pytest.raises(ArcvitError):
+        with pytest.raises(ArcvitError, match=f"^task name {re.escape(repr(name))}: use letters, digits"):
             multi.add(name, root / "a")
     assert multi.tasks == {}

@@ -127,7 +127,7 @@ def test_a_streamed_body_is_cut_off_at_the_cap():
     async def receive():
         return chunks.pop(0)
 
-    with pytest.raises(BodyTooLarge):
+    with pytest.raises(BodyTooLarge, match="^upload is larger than 1000 bytes$"):
         asyncio.run(BodyLimit(app, max_bytes=1000)({"type": "http", "headers": []}, receive, None))
     assert seen == [400, 400]  # the third chunk passes the cap and never reaches the app
 

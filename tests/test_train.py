@@ -154,12 +154,12 @@ def test_resume_refuses_another_task_data_backbone_weights_or_method(tmp_path, d
     out = tmp_path / "run"
     start = dict(backbone=BACKBONE, data=DataSpec(str(data), "digits"), cfg=_cfg(), out_dir=out, checkpoint=weights,
                  pretrained=False, progress=False, max_steps_per_epoch=3)
-    with pytest.raises(_Stop):  # an exception from the hook ends training and propagates unchanged
+    with pytest.raises(_Stop, match="^1$"):  # an exception from the hook ends training and propagates unchanged
         train(**start, on_epoch_end=_stop_after_first_epoch)
     settings = (out / "settings.json").read_bytes()
 
     def refused(field, **change):
-        with pytest.raises(ConfigError) as e:
+        with pytest.raises(ConfigError, match="--resume with other settings than the run started with") as e:
             train(**(start | change), resume=True)
         message = str(e.value)
         assert "--resume with other settings than the run started with" in message and f"{field}:" in message
@@ -306,7 +306,7 @@ def test_a_run_folder_of_arcvit_01_resumes_with_the_placement_it_started_with(tm
     out = tmp_path / "run"
     start = dict(backbone=BACKBONE, data=DataSpec(str(data), "digits"), out_dir=out, pretrained=False,
                  progress=False, max_steps_per_epoch=3)
-    with pytest.raises(_Stop):
+    with pytest.raises(_Stop, match="^1$"):
         train(**start, cfg=_cfg(arc_impl="sequential"), on_epoch_end=_stop_after_first_epoch)
     settings = json.loads((out / "settings.json").read_text())
     del settings["train"]["arc_impl"]  # as arcvit 0.1 wrote it

@@ -189,7 +189,8 @@ def test_bad_inputs_one_line_nothing_written(extra, message, tiny_data, tmp_path
     from arcvit.cli import main
     out = tmp_path / "study"
     argv = tune_args(tiny_data, out, "--trials", "2", *extra)
-    with pytest.raises(SystemExit) if message.startswith(("invalid choice", "argument")) else contextlib.nullcontext():
+    with pytest.raises(SystemExit, match="^2$") if message.startswith(("invalid choice", "argument")) \
+            else contextlib.nullcontext():
         assert main(argv) == 1
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1, err
@@ -263,7 +264,7 @@ def test_bench_method_variants_are_checked(methods, message, tmp_path, capsys):
 
 def test_bench_tune_zero_is_refused(tmp_path, capsys):
     from arcvit.cli import main
-    with pytest.raises(SystemExit) as e:  # argparse's one line, exit 2 (tests/test_cli_numbers.py)
+    with pytest.raises(SystemExit, match="^2$") as e:  # argparse's one line, exit 2 (tests/test_cli_numbers.py)
         main(["bench", "--suite", "mini", "--tune", "0", "--out", str(tmp_path / "b")])
     assert e.value.code == 2
     assert "argument --tune: expected a whole number from 1 to 100000" in capsys.readouterr().err

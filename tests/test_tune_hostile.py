@@ -429,7 +429,7 @@ def test_messages_hide_a_storage_password_and_postgres_gets_a_connect_timeout():
 ])
 def test_a_storage_url_that_does_not_parse_is_argparses_one_line(url, message, tiny_data, tmp_path, capsys):
     from arcvit.cli import main
-    with pytest.raises(SystemExit) as e:
+    with pytest.raises(SystemExit, match="^2$") as e:
         main(tune_args(tiny_data, tmp_path / "study", "--trials", "2", "--storage", url))
     assert e.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
@@ -439,7 +439,7 @@ def test_a_storage_url_that_does_not_parse_is_argparses_one_line(url, message, t
 
 def test_bench_tune_parses_its_storage_url_the_same_way(capsys):
     from arcvit.cli import main
-    with pytest.raises(SystemExit) as e:
+    with pytest.raises(SystemExit, match="^2$") as e:
         main(["bench", "--storage", "postgresql://arc:s3cret@db:5432x/studies"])
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert e.value.code == 2 and "s3cret" not in err
