@@ -122,7 +122,8 @@ def _check_peft_rank(model: nn.Module, o: Options, linears: list[str]) -> None:
     limit = max(max(s) for s in shapes) if o.method == "vera" else min(min(s) for s in shapes)
     if o.rank > limit:
         what = "the largest dimension of" if o.method == "vera" else "the width of"
-        raise ConfigError(f"rank {o.rank} exceeds {what} {o.method}'s target layers ({', '.join(o.targets)}): "
+        layers = ", ".join(dict.fromkeys(name.rsplit(".", 1)[-1] for name in linears))
+        raise ConfigError(f"rank {o.rank} exceeds {what} {o.method}'s target layers ({layers}): "
                           f"{limit}; use --rank {limit} or less")
 
 
