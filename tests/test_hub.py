@@ -240,3 +240,57 @@ def test_help_imports_no_hub_code():
             "print('HUB', [m for m in ('arcvit.hub.pull', 'arcvit.hub.push', 'arcvit.hub.stage') if m in sys.modules])")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert "HUB []" in done.stdout, done.stdout[-500:] + done.stderr[-500:]
+
+
+# ---- hf-hub: read by eval, export and `serve --adapters NAME=hf-hub:...`, through the commands ------------------
+
+def _without_source(lines: list[str]) -> list[dict]:
+    """Each JSON line less the pinned ``source`` a Hub reference adds."""
+    return [{k: v for k, v in json.loads(line).items() if k not in ("source", "source_adapter")} for line in lines]
+
+
+def test_eval_reads_an_adapter_from_the_hub_as_from_its_folder(hub, adapters, capsys, tmp_path):
+    pushed = push(adapters["a"], capsys)["pushed"]
+    for label in range(10):  # an ImageFolder test split, one image per class of the 10-class adapter
+        folder = tmp_path / "data" / "digits" / "test" / f"c{label}"
+        folder.mkdir(parents=True)
+        (folder / "0.png").write_bytes(png_bytes(label))
+    data = ["--data", tmp_path / "data", "--task", "digits", "--layout", "folder", "--accelerator", "cpu"]
+    code, from_hub, err = run(["eval", "--backbone", BACKBONE, "--adapter", f"hf-hub:{REPO}", *data], capsys)
+    assert code in (0, None), err
+    code, local, err = run(["eval", "--backbone", BACKBONE, "--adapter", adapters["a"], *data], capsys)
+    assert code in (0, None), err
+    assert pushed in from_hub[-1] and _without_source(from_hub[-1:]) == _without_source(local[-1:])
+
+
+def test_export_reads_an_adapter_from_the_hub_and_predicts_as_the_adapter(hub, adapters, capsys, tmp_path):
+    pushed = push(adapters["a"], capsys)["pushed"]
+    out = tmp_path / "digits.onnx"
+    code, lines, err = run(["export", "--backbone", BACKBONE, "--adapter", f"hf-hub:{REPO}", "--out", out], capsys)
+    assert code in (0, None) and out.is_file(), err
+    assert pushed in "\n".join(lines)
+    code, onnx, err = run(["predict", "--onnx", out, *adapters["images"]], capsys)
+    assert code in (0, None), err
+    code, torch_answers, _ = predict(adapters["a"], adapters["images"], capsys)
+    assert [a["label"] for a in _without_source(onnx)] == [a["label"] for a in torch_answers]
+    for a, b in zip(_without_source(onnx), torch_answers):
+        assert abs(a["prob"] - b["prob"]) <= 2e-4, (a, b)
+
+
+def test_serve_takes_a_hub_entry_on_its_command_line(hub, adapters, capsys, tmp_path):
+    """`arcvit serve --adapters digits=hf-hub:ORG/NAME`, a real process reaching the Hub through HF_ENDPOINT."""
+    from serving_support import reference, start_server
+    push(adapters["a"], capsys)
+    (tmp_path / "folder").mkdir()  # the one adapter folder (none in it): the task comes from the Hub
+    server = start_server(tmp_path / "folder", tmp_path / "serve.log", "--adapters", f"digits=hf-hub:{REPO}")
+    try:
+        status, body = server.request("GET", "/v1/tasks")
+        assert status == 200 and [t["name"] for t in body["tasks"]] == ["digits"], body
+        image = adapters["images"][0].read_bytes()
+        status, body = server.predict(image, "digits")
+        assert status == 200, body
+        expected = reference(adapters["a"].parent, image, TASK)["digits"]
+        best = body["results"][0]["top"][0]
+        assert best["label"] == int(expected.argmax()) and abs(best["prob"] - float(expected.max())) <= 1e-4
+    finally:
+        server.stop()

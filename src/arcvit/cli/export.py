@@ -11,6 +11,7 @@ from typing import Any
 
 from arcvit.cli import _add_backbone, _add_data, add_run_option, command_help
 from arcvit.cli.bounds import CHECK_BATCH_SIZE
+from arcvit.cli.hubrefs import pulled
 from arcvit.errors import ConfigError
 from arcvit.export.runtime import OPSETS
 
@@ -211,13 +212,12 @@ def cmd_export(args: argparse.Namespace) -> None:
     batches, where = _check_batches(args, model, tasks, many, datasets)
     evaluation = _evaluation(datasets, [t["name"] for t in tasks], args.split, many) if args.quantize else None
     summary = export_onnx(Job(graph, document, batches, where, int(args.opset)), Path(args.out), evaluation)
-    print(json.dumps({**summary, "kind": document["kind"], "tasks": [t["name"] for t in tasks]}))
+    print(json.dumps({**summary, "kind": document["kind"], "tasks": [t["name"] for t in tasks], **pulled(args)}))
 
 
 def predict_onnx(args: argparse.Namespace) -> None:
     """``arcvit predict --onnx FILE``: one line per image (per image and task for a many-task file), as
     ``predict --adapter`` prints it."""
-    from arcvit.cli.hubrefs import pulled
     from arcvit.data.images import open_rgb
     from arcvit.export.session import OnnxModel
     from arcvit.training.finite import require_finite
