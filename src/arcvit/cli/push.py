@@ -9,6 +9,7 @@ from arcvit.cli import command_help
 
 
 def add_push_parser(sub: argparse._SubParsersAction) -> None:
+    """The ``push`` subcommand (``sub`` makes arcvit's own parsers)."""
     p = sub.add_parser("push", help=command_help("push"),
                        description="Upload with huggingface_hub (token: HF_TOKEN or `hf auth login`; endpoint: "
                                    "HF_ENDPOINT): the files (safetensors, JSON, ONNX; never a checkpoint or a "
@@ -25,6 +26,7 @@ def add_push_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_push(args: argparse.Namespace) -> None:
+    """Push and print one JSON line: the pinned ``hf-hub:`` reference to read it back by, and what was sent."""
     from arcvit.hub.push import push
     pushed = push(args.source, args.repo, private=args.private, revision=args.revision)
     print(json.dumps({"pushed": str(pushed.ref), "kind": pushed.kind, "commit_url": pushed.url,

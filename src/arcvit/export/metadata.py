@@ -60,6 +60,7 @@ def graph_sha256(proto) -> str:
 
 
 def checksum(document_text: str, graph: str) -> str:
+    """One SHA-256 over the metadata text and the graph's digest: neither can be edited or swapped alone."""
     return hashlib.sha256(f"{document_text}\0{graph}".encode()).hexdigest()
 
 

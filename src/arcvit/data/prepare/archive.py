@@ -37,6 +37,7 @@ _BROKEN = (zipfile.BadZipFile, tarfile.TarError, EOFError, zlib.error, lzma.LZMA
 
 
 def is_archive(path: Path) -> bool:
+    """A file whose name says it is an archive prepare unpacks (zip, tar and its compressed forms)."""
     return path.is_file() and path.name.lower().endswith(ARCHIVE_SUFFIXES)
 
 
