@@ -181,14 +181,14 @@ def summarise(rows: list[dict], factor: str, seeds: list[int]) -> list[dict[str,
     return table
 
 
-def report(rows: list[dict], seeds: list[int], path: Path, plot: Path, command: str) -> None:
-    """docs/ablations.md's tables (one per factor) and the frontier plot."""
+def report(rows: list[dict], factors: list[str], seeds: list[int], path: Path, plot: Path, command: str) -> None:
+    """docs/ablations.md's tables (one per factor of ``factors``) and the frontier plot."""
     from arcvit.data.mini import GROUPS
     lines = ["| variant | mean | ± seeds | " + " | ".join(GROUPS) + " | params | runs |",
              "| --- | ---: | ---: | " + " | ".join("---:" for _ in GROUPS) + " | ---: | ---: |"]
     sections = []
-    for factor, (title, _) in FACTORS.items():
-        table = summarise(rows, factor, seeds)
+    for factor in factors:
+        title, table = FACTORS[factor][0], summarise(rows, factor, seeds)
         if not table:
             continue
         body = [f"| {t['variant']} | {100 * t['mean']:.1f} | {100 * t['std']:.1f} | "
@@ -240,7 +240,7 @@ def main() -> None:
     rows = _read_rows(args.out / "rows.jsonl") if args.report_only else \
         run(args.factors, args.seeds, args.out, args.data or args.out / "data", args.tuned, args.workers)
     if args.report:
-        report(rows, args.seeds, args.report, args.plot, "benchmarks/ablate.py " + " ".join(
+        report(rows, args.factors, args.seeds, args.report, args.plot, "benchmarks/ablate.py " + " ".join(
             f"--{k.replace('_', '-')} {' '.join(map(str, v)) if isinstance(v, list) else v}"
             for k, v in (("out", args.out), ("factors", args.factors), ("seeds", args.seeds))))
 

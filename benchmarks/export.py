@@ -36,8 +36,10 @@ from arcvit.export.check import run  # noqa: E402
 from arcvit.export.graphs import SingleTask, many_tasks, task_entry  # noqa: E402
 from arcvit.export.metadata import describe  # noqa: E402
 from arcvit.export.quantize import int8_path, quantize_file  # noqa: E402
-from arcvit.export.runtime import inference_session  # noqa: E402
-from arcvit.export.runtime import OPSETS  # noqa: E402
+from arcvit.export.runtime import (
+    OPSETS,  # noqa: E402
+    inference_session,  # noqa: E402
+)
 from arcvit.export.writer import Job, export_onnx  # noqa: E402
 from arcvit.fileio import write_json, write_text  # noqa: E402
 from arcvit.serving import MultiTask  # noqa: E402

@@ -76,6 +76,7 @@ def main() -> None:
     args = p.parse_args()
     os.environ["RAY_worker_niceness"] = str(args.worker_niceness)  # for the clusters started here and by --ray
     import ray
+
     from arcvit.data.mini import build_mini_suite
     data = args.work / "data"
     build_mini_suite(data, ["shapes_count", "mnist5k"])  # the test size `arcvit bench` builds (500)

@@ -15,9 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from PIL import Image
-
 from conftest import arcvit_command, subprocess_env
+from PIL import Image
 
 BACKBONE = "vit_pico_patch7_28.fmnist_arcvit"  # shipped weights: every process builds the same backbone
 # name -> (classes, mode, rank): different class counts, both ARC modes, different ranks.

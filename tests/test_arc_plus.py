@@ -10,12 +10,11 @@ import timm
 import torch
 
 import arcvit
-from arcvit.errors import AdapterFileError
 from arcvit.core.adapter_file import CONFIG_NAME, load_adapter, read_adapter_config
 from arcvit.core.arc import arc_config, routed, set_active_adapter, shared_sets
 from arcvit.core.basis import init_basis_from_data
 from arcvit.core.config import EXTENSION_DEFAULTS, ARCConfig
-from arcvit.errors import ConfigError, ModelError
+from arcvit.errors import AdapterFileError, ConfigError, ModelError
 from arcvit.methods import merge_for_inference, prepare_model
 from arcvit.methods.registry import ARC_PLUS
 from arcvit.training.config import TrainConfig

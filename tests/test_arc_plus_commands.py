@@ -11,7 +11,9 @@ from pathlib import Path
 import pytest
 import timm
 import torch
+from conftest import TINY_TASK
 from safetensors.torch import load_file
+from serving_support import BACKBONE
 
 import arcvit
 from arcvit.cli import main
@@ -19,8 +21,6 @@ from arcvit.core.adapter_file import read_adapter_config
 from arcvit.core.config import ARCConfig
 from arcvit.methods import prepare_model
 from arcvit.methods.registry import ARC_PLUS
-from conftest import TINY_TASK
-from serving_support import BACKBONE
 
 TASKS = {"plus": (6, "arc_plus", 5), "plain": (4, "arc", 4)}
 

@@ -10,10 +10,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from test_data_layouts import raises_data_error as data_error  # noqa: E402  (the layouts tests' own check)
 
 from arcvit.data.layouts import load_split, warn_unseen_classes
 from arcvit.errors import DataWarning
-from test_data_layouts import raises_data_error as data_error  # noqa: E402  (the layouts tests' own check)
 
 
 def write_task(root: Path, name: str, lines: dict[str, list[str]], images: int = 6) -> Path:

@@ -13,14 +13,14 @@ from statistics import stdev
 import pytest
 import torch
 
+from arcvit.bench import report
 from arcvit.bench import runner as bench
+from arcvit.bench.report import build_table, format_cell, render_table, run_dir
 from arcvit.bench.runner import run_bench, suite_recipe
-from arcvit.training.recipes import train_config
 from arcvit.cli import main
 from arcvit.data.mini import build_mini_suite
 from arcvit.errors import ConfigError, DataError
-from arcvit.bench import report
-from arcvit.bench.report import build_table, format_cell, render_table, run_dir
+from arcvit.training.recipes import train_config
 
 TASKS = {"a": "natural", "b": "natural", "c": "structured"}
 approx = partial(pytest.approx, abs=1e-4)  # the table rounds to 4 decimals

@@ -21,11 +21,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import BACKBONE, TINY_TASK
 from safetensors import safe_open
 from safetensors.torch import save_file
 
 from arcvit.cli import main
-from conftest import BACKBONE, TINY_TASK
 
 torch.set_num_threads(1)
 
@@ -106,8 +106,8 @@ def _edit_line(path: Path, index: int, new: str) -> None:
 
 def _write_bad_files(ws: Path, ns: dict) -> None:
     import arcvit
-    from arcvit.core.adapter_file import CONFIG_NAME, WEIGHTS_NAME
     from arcvit.backends.timm.create import create_backbone
+    from arcvit.core.adapter_file import CONFIG_NAME, WEIGHTS_NAME
     task = ns["data"] / TINY_TASK
     bad = ws / "bad"
     bad.mkdir()

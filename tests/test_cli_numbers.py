@@ -15,6 +15,7 @@ from arcvit.backends import backbone_name
 from arcvit.cli import build_parser, main
 from arcvit.errors import ConfigError
 from arcvit.numbers import decimal_number, real_number, whole_number
+from arcvit.training.storage_url import storage_flag
 
 PREFIX = {  # each command's required arguments (the --out ones are replaced by a folder under tmp_path)
     "train": ["--data", "d", "--out", "{out}"],
@@ -63,11 +64,11 @@ def _subparsers(parser: argparse.ArgumentParser, path: tuple[str, ...] = ()):
 
 def _numeric_options() -> dict[str, set[str]]:
     """Every option of every command whose value is converted (not a plain string, a choice or a name that is
-    only normalised, as --backbone's local folders are made absolute)."""
+    only normalised, as --backbone's local folders are made absolute or --storage's URL is parsed)."""
     found: dict[str, set[str]] = {}
     for path, sub in _subparsers(build_parser()):
         for action in sub._actions:
-            if action.option_strings and action.type not in (None, str, backbone_name):
+            if action.option_strings and action.type not in (None, str, backbone_name, storage_flag):
                 found.setdefault(" ".join(path), set()).add(action.option_strings[0])
     return found
 

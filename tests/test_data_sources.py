@@ -13,8 +13,15 @@ import pytest
 
 from arcvit.data import render
 from arcvit.data.mini import GROUPS, MARKER_NAME, MINI_TASKS, build_mini_suite, stratified_splits
-from arcvit.data.sources import (animal_contours, animal_shapes, fashion_mnist, mnist5k, package_file,
-                                 safe_unpickle_numpy, sklearn_digits)
+from arcvit.data.sources import (
+    animal_contours,
+    animal_shapes,
+    fashion_mnist,
+    mnist5k,
+    package_file,
+    safe_unpickle_numpy,
+    sklearn_digits,
+)
 from arcvit.errors import ConfigError, DataError
 
 SHAPE_THRESHOLD = 110  # shapes are drawn at >= 170, background + specks + noise stay well below

@@ -20,6 +20,9 @@ import torch
 pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
 
+from conftest import arcvit_command, subprocess_env  # noqa: E402
+from serving_support import BACKBONE, TASKS, Server, free_port, make_adapters, png_bytes  # noqa: E402
+
 import arcvit  # noqa: E402
 from arcvit.cli import main  # noqa: E402
 from arcvit.core.arc import backbone_fingerprint  # noqa: E402
@@ -29,8 +32,6 @@ from arcvit.export.metadata import describe  # noqa: E402
 from arcvit.export.session import OnnxModel, read_metadata  # noqa: E402
 from arcvit.export.writer import Job, export_onnx  # noqa: E402
 from arcvit.serving import MultiTask  # noqa: E402
-from conftest import arcvit_command, subprocess_env  # noqa: E402
-from serving_support import BACKBONE, TASKS, Server, free_port, make_adapters, png_bytes  # noqa: E402
 
 torch.set_num_threads(1)
 REL = export_check.TOLERANCE

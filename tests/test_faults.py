@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import arcvit_command, subprocess_env
 
 from arcvit.training.checkpoint import load_latest_checkpoint
-from conftest import arcvit_command, subprocess_env
 
 torch.set_num_threads(1)
 

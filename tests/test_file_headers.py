@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import BACKBONE, TINY_TASK
 from safetensors import safe_open
 from safetensors.torch import save_file
 
@@ -22,7 +23,6 @@ from arcvit.core.adapter_file import CONFIG_NAME
 from arcvit.core.merged_file import META_KEY, SHA_KEY, TENSORS_SHA_KEY
 from arcvit.data.layouts import load_split
 from arcvit.errors import DataError
-from conftest import BACKBONE, TINY_TASK
 
 torch.set_num_threads(1)
 NUM_CLASSES = 6

@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-
-from arcvit.cli import main
 from hub_server import TOKEN, FakeHub
 from serving_support import BACKBONE, make_adapters, png_bytes
+
+from arcvit.cli import main
 
 TASK = {"digits": (10, "arc", 8)}
 REPO = "org/digits"

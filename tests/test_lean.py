@@ -16,10 +16,9 @@ import pytest
 import timm
 import torch
 import torch.nn as nn
+from conftest import BACKBONE, RunOutcome, train_args
 from timm.layers import RmsNorm
 from timm.models.eva import Eva
-
-from conftest import BACKBONE, RunOutcome, train_args
 
 import arcvit
 from arcvit.core.adapter_file import adapter_tensors

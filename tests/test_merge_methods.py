@@ -12,12 +12,12 @@ from pathlib import Path
 
 import pytest
 import timm
+from conftest import BACKBONE, TINY_TASK
 from safetensors.torch import load_file
 
 from arcvit.cli import main
 from arcvit.training.config import DataSpec, TrainConfig
 from arcvit.training.loop import train
-from conftest import BACKBONE, TINY_TASK
 
 METHODS = ("ssf", "repadapter", "fact_tt", "fact_tk", "rlrr", "dora", "lora", "arc", "arc_att", "vera", "bitfit",
            "linear", "full")

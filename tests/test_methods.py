@@ -38,6 +38,8 @@ PER_BLOCK_WEIGHTS = D + 3 * D * D + D * D + D + 2 * 4 * D * D  # norm1, qkv, pro
 VIT_COUNTS = {
     "arc": lambda r: 2 * (D * r + L * (r + D)) + HEAD,        # shared D per position + c, b per site
     "arc_att": lambda r: D * r + L * (r + D) + HEAD,
+    # ARC+: four positions (fc2's at the MLP width 4D) and a channel scale per site
+    "arc_plus": lambda r: 3 * (D * r + L * (r + D)) + 4 * D * r + L * (r + 4 * D) + L * 7 * D + HEAD,
     "linear": lambda r: HEAD,
     "full": lambda r: 3 * 8 * 8 * D + D + D + TOKENS * D      # patch conv, class token, positions
     + L * (PER_BLOCK_WEIGHTS + PER_BLOCK_BIASES) + 2 * D + HEAD,
@@ -53,7 +55,7 @@ VIT_COUNTS = {
     "rlrr": lambda r: (31 * L + 4) * D + HEAD,
     "dora": lambda r: L * (r * (D + 3 * D) + r * (D + 4 * D) + 3 * D + 4 * D) + HEAD,
 }
-DEFAULT_RANKS = {"arc": 50, "arc_att": 50, "lora": 8, "vera": 256, "adaptformer": 8, "repadapter": 8, "fact_tt": 8,
+DEFAULT_RANKS = {"arc": 50, "arc_att": 50, "arc_plus": 50, "lora": 8, "vera": 256, "adaptformer": 8, "repadapter": 8, "fact_tt": 8,
                  "fact_tk": 32, "dora": 8}
 
 

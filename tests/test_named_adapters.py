@@ -10,8 +10,7 @@ import torch
 
 import arcvit
 from arcvit.core.adapter_file import CONFIG_NAME, WEIGHTS_NAME, read_adapter
-from arcvit.core.arc import (active_adapter, adapter_names, delete_adapter, routed, set_active_adapter,
-                             shared_sets)
+from arcvit.core.arc import active_adapter, adapter_names, delete_adapter, routed, set_active_adapter, shared_sets
 from arcvit.errors import AdapterFileError, ModelError
 from arcvit.fileio import sha256_file, write_json, write_safetensors
 

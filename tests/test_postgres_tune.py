@@ -10,10 +10,10 @@ import tomllib
 from pathlib import Path
 
 import pytest
-
-from arcvit.cli import main
 from conftest import BACKBONE, TINY_TASK, arcvit_command, subprocess_env
 from postgres_support import postgres_server
+
+from arcvit.cli import main
 
 QUICK = ("--backbone", BACKBONE, "--random-init", "--task", TINY_TASK, "--epochs", "1", "--warmup-epochs", "0",
          "--batch-size", "32", "--accelerator", "cpu", "--quiet", "--method", "arc")

@@ -21,11 +21,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import MINI_TEST_SIZE, TINY_TASK
+from test_bench import write_run
 
 from arcvit.bench.report import render_table
 from arcvit.cli import main
-from conftest import MINI_TEST_SIZE, TINY_TASK
-from test_bench import write_run
 
 DOCS_BENCH = Path(__file__).resolve().parents[1] / "docs" / "bench"
 REBUILT = ("results.csv", "report.md", "accuracy_vs_params.png")  # results.json is what they are rebuilt from

@@ -28,9 +28,17 @@ from pathlib import Path
 import pytest
 import torch
 from PIL import Image
-
-from serving_support import (BACKBONE, TASKS, Server, free_port, make_adapters, multipart, png_bytes, reference,
-                             start_server)
+from serving_support import (
+    BACKBONE,
+    TASKS,
+    Server,
+    free_port,
+    make_adapters,
+    multipart,
+    png_bytes,
+    reference,
+    start_server,
+)
 
 EPS = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 8 8\n%%EndComments\n"  # PIL opens this as EPS (Ghostscript)
 

@@ -16,7 +16,6 @@ from pathlib import Path
 import pytest
 import torch
 from PIL import Image
-
 from serving_support import BACKBONE, TASKS, make_adapters, png_bytes, reference, start_server
 
 TOKEN = "s3cret-token"

@@ -9,6 +9,7 @@ import time
 import numpy as np
 import pytest
 import torch
+from conftest import arcvit_command, subprocess_env
 from safetensors.torch import load_file, save_file
 
 from arcvit.backends.timm.create import create_backbone
@@ -16,7 +17,6 @@ from arcvit.data.sources import mnist5k
 from arcvit.data.writers import write_fgvc_task, write_image_folder, write_vtab_task
 from arcvit.errors import ConfigError
 from arcvit.training.loop import DataSpec, TrainConfig, train
-from conftest import arcvit_command, subprocess_env
 
 BACKBONE = "vit_pico_patch7_28"
 
@@ -189,8 +189,8 @@ def test_resume_refuses_another_task_data_backbone_weights_or_method(tmp_path, d
 
 @pytest.mark.parametrize("clip", ["0", "1.0"])
 def test_diverging_run_stops_with_one_line_and_keeps_its_checkpoints(clip, train_argv, capsys, tmp_path):
-    from arcvit.training.checkpoint import load_latest_checkpoint
     from arcvit.cli import main
+    from arcvit.training.checkpoint import load_latest_checkpoint
     out = tmp_path / "run"
     code = main([*train_argv(out, "--lr", "1e6", "--grad-clip", clip)])
     stdout, err = capsys.readouterr()
@@ -207,8 +207,8 @@ def test_diverging_run_stops_with_one_line_and_keeps_its_checkpoints(clip, train
 def test_a_loss_gone_bad_after_an_epoch_stops_the_run_and_keeps_its_checkpoint(tmp_path, digits):
     from timm.models.vision_transformer import VisionTransformer
 
-    from arcvit.training.checkpoint import load_latest_checkpoint
     from arcvit.errors import TrainingDiverged
+    from arcvit.training.checkpoint import load_latest_checkpoint
     data = _vtab(tmp_path / "data", digits)
     armed = []
 

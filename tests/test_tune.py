@@ -13,10 +13,10 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import BACKBONE, TINY_TASK, arcvit_command, subprocess_env
 
 from arcvit.errors import ConfigError
 from arcvit.training.search_space import SEARCH_SPACE_FILE, Range, load_search_space, read_space_file
-from conftest import BACKBONE, TINY_TASK, arcvit_command, subprocess_env
 
 # One epoch of 5 steps per trial: a trial takes seconds.
 QUICK = ("--backbone", BACKBONE, "--random-init", "--task", TINY_TASK, "--epochs", "1", "--warmup-epochs", "0",

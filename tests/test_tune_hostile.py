@@ -16,10 +16,10 @@ from pathlib import Path
 from unittest import mock
 
 import pytest
-
-from arcvit.training.config import DataSpec
 from conftest import BACKBONE, TINY_TASK, arcvit_command, subprocess_env
 from test_tune import space_file, tune_args
+
+from arcvit.training.config import DataSpec
 
 _OPENED: list[str] | None = None  # while a list, every file path this process opens is appended to it
 

@@ -15,10 +15,10 @@ import zipfile
 from pathlib import Path
 
 import pytest
+from test_data_prepare import TASKS, build_tasks, prepare_argv, verify_argv, zip_folder
 
 from arcvit.cli import main
 from arcvit.data.manifest import MANIFEST
-from test_data_prepare import TASKS, build_tasks, prepare_argv, verify_argv, zip_folder
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -8,11 +8,11 @@ import json
 
 import pytest
 import torch
-
-from arcvit.errors import ConfigError
+from serving_support import png_bytes
 from test_export import BACKBONE, adapters, exported  # noqa: F401  (fixtures)
 from test_untrusted_files import call, one_line
-from serving_support import png_bytes
+
+from arcvit.errors import ConfigError
 
 onnx = pytest.importorskip("onnx")
 

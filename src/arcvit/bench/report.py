@@ -26,6 +26,9 @@ from pathlib import Path
 from statistics import fmean, stdev
 from typing import Any
 
+from arcvit.bench.plots import plot_accuracy_vs_params
+from arcvit.bench.provenance import check_one_dataset_per_task, data_by_task, render_data_section
+from arcvit.bench.runfiles import check_plan, check_results, check_settings, run_seed
 from arcvit.data.layouts import FGVC_TASKS, VTAB_TASKS
 from arcvit.data.mini import MINI_TASKS
 from arcvit.errors import ConfigError, DataWarning
@@ -33,9 +36,6 @@ from arcvit.fileio import write_json, write_text
 from arcvit.methods import SPECS
 from arcvit.training.recipes import ADAPTER_FIELDS
 from arcvit.training.search_space import edges_text
-from arcvit.bench.plots import plot_accuracy_vs_params
-from arcvit.bench.provenance import check_one_dataset_per_task, data_by_task, render_data_section
-from arcvit.bench.runfiles import check_plan, check_results, check_settings, run_seed
 
 PLAN_FILE = "bench.json"    # the bench's plan: suite, tasks, methods, seeds, backbone, config
 RESULTS_FILE = "results.json"  # the report as data; its "runs" are the rows of results.csv

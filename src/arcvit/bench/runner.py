@@ -19,8 +19,16 @@ from arcvit.backends.timm.zoo import DEFAULT_BACKBONE
 from arcvit.bench.executors import Executor, InProcess, Outcome, RunJob
 from arcvit.bench.grid_progress import GridProgress
 from arcvit.bench.provenance import check_bench_data
-from arcvit.bench.report import (ERROR_FILE, PLAN_FILE, SUITES, build_report, check_runs_kept, collect_runs, read_json,
-                                 run_dir)
+from arcvit.bench.report import (
+    ERROR_FILE,
+    PLAN_FILE,
+    SUITES,
+    build_report,
+    check_runs_kept,
+    collect_runs,
+    read_json,
+    run_dir,
+)
 from arcvit.bench.tuning import tune_row, tuned_recipe
 from arcvit.bench.variants import split_variant
 from arcvit.data.layouts import resolve_task

@@ -20,9 +20,20 @@ from safetensors import SafetensorError, safe_open
 
 from arcvit import __version__
 from arcvit.core import headers
-from arcvit.core.arc import (DEFAULT_NAME, SHARED_ATTR, active_adapter, adapter_names, apply_arc, arc_config,
-                             backbone_fingerprint, delete_adapter, head_parameter_names, set_active_adapter,
-                             shared_sets, site_wrappers)
+from arcvit.core.arc import (
+    DEFAULT_NAME,
+    SHARED_ATTR,
+    active_adapter,
+    adapter_names,
+    apply_arc,
+    arc_config,
+    backbone_fingerprint,
+    delete_adapter,
+    head_parameter_names,
+    set_active_adapter,
+    shared_sets,
+    site_wrappers,
+)
 from arcvit.core.config import ARCConfig
 from arcvit.core.sites import find_blocks
 from arcvit.core.specs import backend_for

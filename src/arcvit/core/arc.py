@@ -12,8 +12,19 @@ import torch.nn as nn
 
 from arcvit.core.config import ARCConfig
 from arcvit.core.fused import lean_norm_supported
-from arcvit.core.layers import (DEFAULT_NAME, ARCAdapter, ARCInput, ARCLinear, ARCNorm, ARCShared, ARCSite, ARCState,
-                                Route, slot, slot_name)
+from arcvit.core.layers import (
+    DEFAULT_NAME,
+    ARCAdapter,
+    ARCInput,
+    ARCLinear,
+    ARCNorm,
+    ARCShared,
+    ARCSite,
+    ARCState,
+    Route,
+    slot,
+    slot_name,
+)
 from arcvit.core.sites import Site, find_blocks, find_sites
 from arcvit.core.specs import backend_for, block_spec_for
 from arcvit.errors import ModelError

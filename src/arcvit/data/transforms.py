@@ -9,8 +9,13 @@ from __future__ import annotations
 from typing import Any, Callable, Sequence
 
 import torch.nn as nn
-from timm.data import (IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_transform, resolve_data_config,
-                       resolve_model_data_config)
+from timm.data import (
+    IMAGENET_DEFAULT_MEAN,
+    IMAGENET_DEFAULT_STD,
+    create_transform,
+    resolve_data_config,
+    resolve_model_data_config,
+)
 from timm.data.transforms import str_to_interp_mode
 from torchvision import transforms as T
 

@@ -24,8 +24,8 @@ from arcvit.methods.adaptformer import add_adaptformer, has_adaptformer
 from arcvit.methods.fact import SHARED_ATTR as FACT_ATTR
 from arcvit.methods.fact import add_fact
 from arcvit.methods.peft import is_peft_model, merge_peft, wrap_peft
-from arcvit.methods.reparam import has_reparams, merger, refuse_bypassed_qkv
 from arcvit.methods.repadapter import add_repadapter
+from arcvit.methods.reparam import has_reparams, merger, refuse_bypassed_qkv
 from arcvit.methods.rlrr import add_rlrr
 from arcvit.methods.runstate import ADAPTER_FOLDER, TRAINABLE_TENSORS, RunState
 from arcvit.methods.ssf import add_ssf

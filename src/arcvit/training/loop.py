@@ -47,8 +47,16 @@ from arcvit.data.transforms import build_transform
 from arcvit.errors import ConfigError, NonFiniteOutput, TrainingDiverged, first_line
 from arcvit.fileio import sha256_file, write_json
 from arcvit.methods import SPECS, prepare_model, save_trained
-from arcvit.training.checkpoint import (LOOP, MODEL, OPTIMIZER, SCHEDULER, SafeCheckpointIO, fabric_load, fabric_save,
-                                       load_latest_checkpoint)
+from arcvit.training.checkpoint import (
+    LOOP,
+    MODEL,
+    OPTIMIZER,
+    SCHEDULER,
+    SafeCheckpointIO,
+    fabric_load,
+    fabric_save,
+    load_latest_checkpoint,
+)
 from arcvit.training.config import PROTOCOL_SPLITS, DataSpec, TrainConfig
 from arcvit.training.devices import require_devices
 from arcvit.training.finite import nonfinite_error, nonfinite_items

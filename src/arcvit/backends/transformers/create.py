@@ -17,8 +17,14 @@ from torch import nn
 from transformers import AutoConfig, AutoImageProcessor, AutoModel
 from transformers.utils import logging as hf_logging
 
-from arcvit.backends.transformers.checks import (PROCESSOR, check_config_files, check_preprocessing,
-                                                 check_weight_files, file_name, model_class)
+from arcvit.backends.transformers.checks import (
+    PROCESSOR,
+    check_config_files,
+    check_preprocessing,
+    check_weight_files,
+    file_name,
+    model_class,
+)
 from arcvit.backends.transformers.heads import TransformersClassifier, default_pool, default_preprocessing
 from arcvit.errors import ModelError, first_line
 

@@ -17,10 +17,17 @@ import tempfile
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
-from arcvit.data.layouts import FGVC_TASKS, VTAB_TASKS, _MARKERS, resolve_task
+from arcvit.data.layouts import _MARKERS, FGVC_TASKS, VTAB_TASKS, resolve_task
 from arcvit.data.manifest import read_manifest, record_tasks, stamp
-from arcvit.data.prepare.archive import (ARCHIVE_SUFFIXES, MAX_MEMBER_BYTES, MAX_TOTAL_BYTES, Budget, copy_tree,
-                                         is_archive, unpack)
+from arcvit.data.prepare.archive import (
+    ARCHIVE_SUFFIXES,
+    MAX_MEMBER_BYTES,
+    MAX_TOTAL_BYTES,
+    Budget,
+    copy_tree,
+    is_archive,
+    unpack,
+)
 from arcvit.data.prepare.discover import find_tasks
 from arcvit.data.verify import SUITE_LAYOUTS, verify_task
 from arcvit.errors import ConfigError, DataError
