@@ -30,9 +30,14 @@ FGVC_RESIZE, FGVC_CROP = 256, 224
 
 def data_config(model_or_pretrained_cfg: nn.Module | Any) -> dict[str, Any]:
     """timm's resolved data config (input_size, interpolation, mean, std, crop_pct) for a model or a
-    pretrained cfg (a dict or timm's PretrainedCfg)."""
+    pretrained cfg (a dict or timm's PretrainedCfg). A model built at another image size (timm's ``img_size``)
+    keeps its pretrained cfg's size, so the size its patch embedding was built for wins."""
     if isinstance(model_or_pretrained_cfg, nn.Module):
-        return resolve_model_data_config(model_or_pretrained_cfg)
+        cfg = resolve_model_data_config(model_or_pretrained_cfg)
+        built = getattr(getattr(model_or_pretrained_cfg, "patch_embed", None), "img_size", None)
+        if built is not None:
+            cfg["input_size"] = (3, *built) if isinstance(built, (tuple, list)) else (3, built, built)
+        return cfg
     cfg = model_or_pretrained_cfg
     return resolve_data_config(pretrained_cfg=cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg))
 
