@@ -8,13 +8,15 @@ import argparse
 import math
 import re
 from dataclasses import fields
+from pathlib import Path
 
 import pytest
 
 from arcvit.backends import backbone_name
-from arcvit.cli import build_parser, main
+from arcvit.cli import _json_table, build_parser, main
 from arcvit.errors import ConfigError
-from arcvit.numbers import decimal_number, real_number, whole_number
+from arcvit.numbers import Range, decimal_number, real_number, whole_number
+from arcvit.training.config import TrainConfig, settings_markdown
 from arcvit.training.storage_url import storage_flag
 
 PREFIX = {  # each command's required arguments (the --out ones are replaced by a folder under tmp_path)
@@ -27,14 +29,14 @@ PREFIX = {  # each command's required arguments (the --out ones are replaced by 
     "export": ["--adapter", "a", "--out", "{out}/x.onnx"],
     "data prepare": ["vtab1k", "--out", "{out}"],
 }
-TRAINING = {  # the flags `_train_flags` adds to train and tune: (kind, low, high, above, below)
-    "--rank": ("whole", 1, 65536), "--batch-size": ("whole", 1, 65536), "--epochs": ("whole", 1, 100_000),
-    "--warmup-epochs": ("whole", 0, 100_000), "--seed": ("whole", 0, 2**32 - 1), "--devices": ("whole", 1, 1024),
-    "--num-nodes": ("whole", 1, 4096), "--num-workers": ("whole", 0, 1024), "--eval-batch-size": ("whole", 1, 65536),
-    "--adapter-dropout": ("real", 0, 1, False, True), "--lr": ("real", 0, 1e6, True, False),
-    "--weight-decay": ("real", 0, 100), "--grad-clip": ("real", 0, 1e6),
-    "--label-smoothing": ("real", 0, 1, False, True), "--drop-path": ("real", 0, 1, False, True),
-}
+
+
+def _spec(r: Range) -> tuple:
+    return ("whole", r.low, r.high) if r.whole else ("real", r.low, r.high, r.above, r.below)
+
+
+TRAINING = {  # the flags `_train_flags` adds to train and tune, from TrainConfig's declarations
+    "--" + f.name.replace("_", "-"): _spec(f.metadata["bounds"]) for f in fields(TrainConfig) if f.metadata["bounds"]}
 RAY = {"--cpus-per-run": ("real", 0, 1024, True, False), "--gpus-per-run": ("real", 0, 1024),
        "--max-retries": ("whole", 0, 100)}
 BOUNDS = {
@@ -50,8 +52,11 @@ BOUNDS = {
     "data prepare": {"--max-member-mb": ("real", 0, 1_048_576, True, False),
                      "--max-total-gb": ("real", 0, 1_048_576, True, False)},
 }
+# Every spelling Python's int()/float() would take and a person would not mean; each kind's parser is shown to
+# refuse all of them on one flag (below), and every flag to use a strict parser and its own bounds.
 SPELLINGS = ["٣", "１０", "1_0", " 3", "3 ", "+3", "-1", "", "0x10", "nan", "inf", "-inf", "1e999", "3,5",
              "9" * 40]
+REPRESENTATIVE = {"whole": ("train", "--batch-size"), "real": ("train", "--lr")}
 
 
 def _subparsers(parser: argparse.ArgumentParser, path: tuple[str, ...] = ()):
@@ -64,11 +69,12 @@ def _subparsers(parser: argparse.ArgumentParser, path: tuple[str, ...] = ()):
 
 def _numeric_options() -> dict[str, set[str]]:
     """Every option of every command whose value is converted (not a plain string, a choice or a name that is
-    only normalised, as --backbone's local folders are made absolute or --storage's URL is parsed)."""
+    only normalised, as --backbone's local folders are made absolute or --storage's URL is parsed, or a JSON
+    object)."""
     found: dict[str, set[str]] = {}
     for path, sub in _subparsers(build_parser()):
         for action in sub._actions:
-            if action.option_strings and action.type not in (None, str, backbone_name, storage_flag):
+            if action.option_strings and action.type not in (None, str, backbone_name, storage_flag, _json_table):
                 found.setdefault(" ".join(path), set()).add(action.option_strings[0])
     return found
 
@@ -88,8 +94,15 @@ def _good_values(kind: str, low: float, high: float, above: bool = False, below:
             "1e-3", "1E-2", ".25"]
 
 
+def _per_flag_bad(kind: str, *spec) -> list[str]:
+    """The flag's own bounds, just outside, and one lax spelling of its kind."""
+    return _bad_values(kind, *spec)[len(SPELLINGS):] + (["٣"] if kind == "whole" else ["nan"])
+
+
 CASES = [(command, flag, value) for command, flags in BOUNDS.items() for flag, spec in flags.items()
-         for value in _bad_values(*spec)]
+         for value in _per_flag_bad(*spec)]
+CASES += [(command, flag, value) for kind, (command, flag) in REPRESENTATIVE.items() for value in SPELLINGS
+          if (command, flag, value) not in CASES]
 GOOD = [(command, flag, value) for command, flags in BOUNDS.items() for flag, spec in flags.items()
         for value in _good_values(*spec)]
 
@@ -107,13 +120,61 @@ def test_every_numeric_option_has_stated_bounds_here():
             assert action.type not in (int, float), f"arcvit {' '.join(path)} {action.option_strings}"
 
 
-def test_every_numeric_training_setting_has_a_strict_flag():
-    """A new numeric TrainConfig field without bounds would become a string flag; this names it."""
-    from arcvit.cli.bounds import TRAIN_NUMBERS
-    from arcvit.training.config import TrainConfig
-    numeric = {f.name for f in fields(TrainConfig) if re.search(r"\b(int|float)\b", str(f.type))}
-    assert numeric == set(TRAIN_NUMBERS)
-    assert {f"--{name.replace('_', '-')}" for name in numeric} == set(TRAINING)
+def test_every_training_setting_is_declared_once_with_help_and_bounds_or_choices():
+    """A numeric TrainConfig field without bounds would become a lax string flag; a word setting without choices
+    would fail only when the run starts. Only the free-form ones (targets, arc_options) have neither."""
+    for f in fields(TrainConfig):
+        meta = f.metadata
+        assert meta["help"], f.name
+        if re.search(r"\b(int|float)\b", str(f.type)):
+            assert meta["bounds"] is not None, f.name
+        elif f.type.startswith("str") and f.name != "targets":
+            assert meta["choices"], f.name
+
+
+def test_docs_settings_table_is_generated_from_the_declarations():
+    doc = Path(__file__).parents[1] / "docs" / "settings.md"
+    assert doc.read_text() == settings_markdown(), "regenerate docs/settings.md (the command is in its header)"
+
+
+def test_train_help_states_each_range_and_default():
+    train = dict(_subparsers(build_parser()))[("train",)]
+    text = " ".join(train.format_help().split())
+    assert "--lr LR peak learning rate (AdamW, cosine schedule) (default: 0.01; 0 < x <= 1000000)" in text
+    assert "--precision {32-true,16-mixed,bf16-mixed," in text
+
+
+@pytest.mark.parametrize("settings, message", [
+    ({"lr": "fast"}, "^recipe.toml: lr: expected a number 0 < x <= 1000000, got 'fast'$"),
+    ({"batch_size": 3.0}, "^recipe.toml: batch_size: expected a whole number from 1 to 65536, got 3.0$"),
+    ({"seed": True}, "^recipe.toml: seed: expected a whole number from 0 to 4294967295, got True$"),
+    ({"drop_path": 1.0}, r"^recipe.toml: drop_path: expected a number 0 <= x < 1, got 1.0$"),
+    ({"rank": 0}, "^recipe.toml: rank: expected a whole number from 1 to 65536, got 0$"),
+    ({"precision": "fp7"}, "^recipe.toml: precision: 'fp7' is not one of 32-true, 16-mixed, "),
+    ({"strategy": 3}, "^recipe.toml: strategy: '3' is not one of auto, ddp, "),
+    ({"compile": "yes"}, "^recipe.toml: compile: expected true or false, got 'yes'$"),
+    ({"lr": None}, "^recipe.toml: lr: expected a number 0 < x <= 1000000, got None$"),
+])
+def test_a_recipe_file_is_checked_against_the_same_declarations(settings, message):
+    with pytest.raises(ConfigError, match=message):
+        TrainConfig.from_dict(settings, "recipe.toml")
+
+
+@pytest.mark.parametrize("flag, value", [("--precision", "fp7"), ("--strategy", "telepathy"),
+                                         ("--accelerator", "abacus"), ("--protocol", "test"), ("--recipe", "x")])
+def test_word_settings_are_checked_when_parsed(flag, value, capsys):
+    with pytest.raises(SystemExit) as e:
+        build_parser().parse_args(["train", "--data", "d", "--out", "o", flag, value])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and f"argument {flag}: invalid choice: {value!r}" in err
+
+
+def test_arc_options_flag_takes_a_json_object(capsys):
+    args = build_parser().parse_args(["train", "--data", "d", "--out", "o", "--arc-options", '{"channel_scale": true}'])
+    assert args.arc_options == {"channel_scale": True}
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["train", "--data", "d", "--out", "o", "--arc-options", "[1]"])
+    assert "argument --arc-options: expected a JSON object, got '[1]'" in capsys.readouterr().err
 
 
 @pytest.fixture(scope="module")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import math
 import re
+from dataclasses import dataclass
 from typing import Callable, NamedTuple
 
 from arcvit.errors import ConfigError
@@ -92,3 +93,33 @@ def whole_flag(low: int, high: int) -> Callable[[str], int]:
 def real_flag(low: float, high: float, above: bool = False, below: bool = False) -> Callable[[str], float]:
     """An argparse ``type=`` for a finite real number within the bounds (see ``real_number``)."""
     return _flag(_REAL, low, high, above, below)
+
+
+@dataclass(frozen=True)
+class Range:
+    """The stated range of one numeric setting, written once and read three ways: as a flag's parser, as the
+    check of a value from a recipe file or Python, and as the text of the docs and ``--help``."""
+
+    low: float
+    high: float
+    whole: bool = False
+    above: bool = False  # low itself is out
+    below: bool = False  # high itself is out
+
+    def flag(self) -> Callable[[str], float]:
+        return whole_flag(int(self.low), int(self.high)) if self.whole else \
+            real_flag(self.low, self.high, self.above, self.below)
+
+    def describe(self) -> str:
+        return _bounds(self.low, self.high, self.above, self.below)
+
+    def check(self, value: object, name: str) -> float:
+        """``value`` (already a number: from TOML, JSON or Python) of the right kind and within range."""
+        kind = (int,) if self.whole else (int, float)
+        noun = _WHOLE.noun if self.whole else _REAL.noun
+        inside = isinstance(value, kind) and not isinstance(value, bool) and math.isfinite(value) and (
+            self.low < value if self.above else self.low <= value) and (
+            value < self.high if self.below else value <= self.high)
+        if not inside:
+            raise ConfigError(f"{name}: expected {noun} {self.describe()}, got {value!r}")
+        return value

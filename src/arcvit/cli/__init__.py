@@ -43,26 +43,38 @@ RECIPE_HELP = ("recipe (TOML/JSON): [defaults], [tasks.<task>], [methods.<method
                "most specific last; flags beat it")
 
 
+def _json_table(text: str) -> dict:
+    """A flag whose value is a JSON object (``--arc-options '{"channel_scale": true}'``)."""
+    import json
+    try:
+        value = json.loads(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"expected a JSON object, got {text[:60]!r} ({e})") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object, got {text[:60]!r}")
+    return value
+
+
+def _setting_help(f) -> str:
+    """A TrainConfig field's help, default and range, as its declaration states them."""
+    meta, default = f.metadata, f.default
+    shown = "the method's own" if default is None else default
+    bounds = f"; {meta['bounds'].describe()}" if meta["bounds"] else ""
+    return f"{meta['help']} (default: {shown}{bounds})".replace("%", "%%")
+
+
 def _train_flags(p: argparse.ArgumentParser, config_help: str = RECIPE_HELP) -> None:
-    """--method, --config and one flag per TrainConfig setting."""
-    from arcvit.cli.bounds import TRAIN_NUMBERS
-    from arcvit.methods import METHODS
-    from arcvit.training.config import ARC_IMPLS, TrainConfig
-    defaults = TrainConfig()
-    p.add_argument("--method", default=defaults.method, choices=METHODS)
+    """--config and one flag per TrainConfig setting, its type, choices and help from the field's declaration."""
+    from arcvit.training.config import TrainConfig
     p.add_argument("--config", help=config_help)
     for f in fields(TrainConfig):
-        if f.name == "method":
+        flag, meta = "--" + f.name.replace("_", "-"), f.metadata
+        if isinstance(f.default, bool):
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=_setting_help(f))
             continue
-        flag = "--" + f.name.replace("_", "-")
-        value = getattr(defaults, f.name)
-        if isinstance(value, bool):
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None)
-        else:
-            kind = TRAIN_NUMBERS.get(f.name, str)  # every other setting is a string
-            choices = ARC_IMPLS if f.name == "arc_impl" else None
-            default = value if value is not None else "the method's own"
-            p.add_argument(flag, type=kind, choices=choices, default=None, help=f"default: {default}")
+        kind = meta["bounds"].flag() if meta["bounds"] else _json_table if "dict" in str(f.type) else str
+        default = f.default if f.name == "method" else None  # the method picks the recipe's [methods.X] tables
+        p.add_argument(flag, type=kind, choices=meta["choices"], default=default, help=_setting_help(f))
 
 
 def check_run_flags(args: argparse.Namespace) -> dict:
