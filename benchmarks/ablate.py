@@ -67,6 +67,8 @@ FACTORS: dict[str, tuple[str, list[Variant]]] = {
                  "(within RLRR's 25.4 K parameters)", [
                      _arc("att+mlp (paper)"), _arc("+proj, s", extra_positions=["proj"], channel_scale=True),
                      _arc("+proj+fc2, s", extra_positions=["proj", "fc2"], channel_scale=True),
+                     _arc("+proj+fc2, s, random c_att", extra_positions=["proj", "fc2"], channel_scale=True,
+                          att_scale_init="random"),
                      Variant("+proj+fc2, s, r=12", "arc", {"rank": 12, "arc_options": {
                          "extra_positions": ["proj", "fc2"], "channel_scale": True}})]),
     "size": ("Size: ARC at fixed ranks beside its peers at two sizes each (the frontier plot)", [

@@ -63,11 +63,13 @@ def _setting_help(f) -> str:
     return f"{meta['help']} (default: {shown}{bounds})".replace("%", "%%")
 
 
-def _train_flags(p: argparse.ArgumentParser, config_help: str = RECIPE_HELP) -> None:
-    """--config and one flag per TrainConfig setting, its type, choices and help from the field's declaration."""
+def setting_flags(p: argparse.ArgumentParser, names: Sequence[str] | None = None) -> None:
+    """One flag per TrainConfig setting (``names``, default all), its type, choices and help from the field's
+    declaration; unset flags are None so that a recipe's value stands."""
     from arcvit.training.config import TrainConfig
-    p.add_argument("--config", help=config_help)
     for f in fields(TrainConfig):
+        if names is not None and f.name not in names:
+            continue
         flag, meta = "--" + f.name.replace("_", "-"), f.metadata
         if isinstance(f.default, bool):
             p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=_setting_help(f))
@@ -75,6 +77,12 @@ def _train_flags(p: argparse.ArgumentParser, config_help: str = RECIPE_HELP) -> 
         kind = meta["bounds"].flag() if meta["bounds"] else _json_table if "dict" in str(f.type) else str
         default = f.default if f.name == "method" else None  # the method picks the recipe's [methods.X] tables
         p.add_argument(flag, type=kind, choices=meta["choices"], default=default, help=_setting_help(f))
+
+
+def _train_flags(p: argparse.ArgumentParser, config_help: str = RECIPE_HELP) -> None:
+    """--config and one flag per TrainConfig setting."""
+    p.add_argument("--config", help=config_help)
+    setting_flags(p)
 
 
 def check_run_flags(args: argparse.Namespace) -> dict:

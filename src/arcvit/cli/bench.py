@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 from arcvit.backends import DEFAULT_BACKBONE, backbone_name
 from arcvit.bench.report import SUITES, build_report, collect_runs
 from arcvit.bench.runner import SUITE_RUNS, run_bench
-from arcvit.cli import bounds, command_help
+from arcvit.cli import bounds, command_help, setting_flags
 from arcvit.errors import ArcvitError
 from arcvit.methods import METHODS
 from arcvit.training.storage_url import storage_flag
@@ -97,13 +97,7 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--storage", metavar="URL", type=storage_flag, help="with --tune: one Optuna database for the studies, e.g. "
                                                     "postgresql://host/db (default: a SQLite file per study)")
     p.add_argument("--epochs", type=bounds.EPOCHS, help="override the schedule's length, keeping its warm-up fraction")
-    p.add_argument("--protocol", choices=["final", "select"],
-                   help="final: train on train+val, test after the last epoch; select: pick the epoch on val")
-    p.add_argument("--devices", type=bounds.DEVICES)
-    p.add_argument("--targets", help="the Linears lora, dora and vera adapt, e.g. att,mlp,proj,fc2 or Linear names "
-                                     "(default: att,mlp, the attention's and the MLP's input Linears)")
-    p.add_argument("--precision", help="e.g. 32-true, bf16-mixed")
-    p.add_argument("--accelerator", help="auto, cpu, cuda, ...")
+    setting_flags(p, ("protocol", "devices", "targets", "precision", "accelerator"))
     p.add_argument("--quiet", action="store_true", help="no progress bars (one line per run is still printed)")
     add_ray_flags(p, "every run (with --tune, every tuning worker too)")
     p.add_argument("--shared-out", action="store_true",

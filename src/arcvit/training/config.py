@@ -69,8 +69,8 @@ class TrainConfig:
     eval_batch_size: int = setting(256, "images per evaluation batch", bounds=BATCH)
     arc_options: dict | None = setting(None, "ARC's extensions over the method's own, as a JSON "
                                              "object of ARCConfig fields (docs/methods.md)")
-    targets: str | None = setting(None, "the Linears lora, dora and vera adapt: att, mlp or "
-                                        "Linear names (the method's own: att,mlp)")
+    targets: str | None = setting(None, "the Linears lora, dora and vera adapt: att, mlp, proj, "
+                                        "fc2 or Linear names (their own: att,mlp)")
 
     def __post_init__(self) -> None:
         for f in fields(self):
