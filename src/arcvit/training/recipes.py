@@ -123,4 +123,5 @@ def train_config(recipe: Recipe, task: str, method: str, overrides: Mapping[str,
         warmup = settings.get("warmup_epochs", defaults.warmup_epochs)
         settings["warmup_epochs"] = warmup * overrides["epochs"] // max(1, settings.get("epochs", defaults.epochs))
     settings |= overrides | {"method": method}
-    return TrainConfig.from_dict(settings, source=f"{recipe.source} ({task}, {method})")
+    where = f"task {task}, method {method}" if task else f"method {method}"
+    return TrainConfig.from_dict(settings, source=f"{recipe.source} ({where})")
