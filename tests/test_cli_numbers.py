@@ -175,6 +175,11 @@ def test_arc_options_flag_takes_a_json_object(capsys):
     with pytest.raises(SystemExit):
         build_parser().parse_args(["train", "--data", "d", "--out", "o", "--arc-options", "[1]"])
     assert "argument --arc-options: expected a JSON object, got '[1]'" in capsys.readouterr().err
+    for hostile in ("[" * 2000 + "]" * 2000, "[" * 20000 + "]" * 20000):  # deep nesting, then sheer length
+        with pytest.raises(SystemExit) as e:
+            build_parser().parse_args(["train", "--data", "d", "--out", "o", "--arc-options", hostile])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and len(err.splitlines()) == 1 and "argument --arc-options: expected a JSON object" in err
 
 
 @pytest.fixture(scope="module")

@@ -43,12 +43,19 @@ RECIPE_HELP = ("recipe (TOML/JSON): [defaults], [tasks.<task>], [methods.<method
                "most specific last; flags beat it")
 
 
+MAX_JSON_FLAG = 4096  # far above any real ARCConfig table
+
+
 def _json_table(text: str) -> dict:
-    """A flag whose value is a JSON object (``--arc-options '{"channel_scale": true}'``)."""
+    """A flag whose value is a JSON object (``--arc-options '{"channel_scale": true}'``), at most
+    ``MAX_JSON_FLAG`` characters (deep nesting would otherwise exhaust the parser's recursion)."""
     import json
+    if len(text) > MAX_JSON_FLAG:
+        raise argparse.ArgumentTypeError(f"expected a JSON object of at most {MAX_JSON_FLAG} characters, got "
+                                         f"{len(text)}")
     try:
         value = json.loads(text)
-    except ValueError as e:
+    except (ValueError, RecursionError) as e:
         raise argparse.ArgumentTypeError(f"expected a JSON object, got {text[:60]!r} ({e})") from None
     if not isinstance(value, dict):
         raise argparse.ArgumentTypeError(f"expected a JSON object, got {text[:60]!r}")
