@@ -44,15 +44,19 @@ def _bounds(low: float, high: float, above: bool, below: bool) -> str:
     return f"{_show(low)} {'<' if above else '<='} x {'<' if below else '<='} {_show(high)}"
 
 
+def _within(value: float, low: float, high: float, above: bool, below: bool) -> bool:
+    """Finite and inside the bounds (``above``/``below``: that bound itself is out)."""
+    return math.isfinite(value) and (low < value if above else low <= value) and (
+        value < high if below else value <= high)
+
+
 def _parse(kind: _Kind, text: object, name: str, low: float, high: float, above: bool = False,
            below: bool = False) -> float:
     """``text`` as ``kind`` within the bounds, else a ConfigError that names ``name`` (when given) and the bounds."""
     value = None
     if isinstance(text, str) and len(text) <= MAX_CHARS and kind.pattern.fullmatch(text):
         value = kind.convert(text)
-    inside = value is not None and math.isfinite(value) and (low < value if above else low <= value) and (
-        value < high if below else value <= high)
-    if not inside:
+    if value is None or not _within(value, low, high, above, below):
         prefix = f"{name}: " if name else ""
         raise ConfigError(f"{prefix}expected {kind.noun} {_bounds(low, high, above, below)} ({kind.spelling}), "
                           f"got {text!r}")
@@ -117,9 +121,7 @@ class Range:
         """``value`` (already a number: from TOML, JSON or Python) of the right kind and within range."""
         kind = (int,) if self.whole else (int, float)
         noun = _WHOLE.noun if self.whole else _REAL.noun
-        inside = isinstance(value, kind) and not isinstance(value, bool) and math.isfinite(value) and (
-            self.low < value if self.above else self.low <= value) and (
-            value < self.high if self.below else value <= self.high)
-        if not inside:
+        if not (isinstance(value, kind) and not isinstance(value, bool) and
+                _within(value, self.low, self.high, self.above, self.below)):
             raise ConfigError(f"{name}: expected {noun} {self.describe()}, got {value!r}")
         return value
